@@ -1,0 +1,343 @@
+"""How fast is mini-imagen's Efficient U-Net? A timing race against two public U-Nets.
+
+    .venv/bin/python benchmarks/unet_speed.py                # the 32 px base U-Net, batch 16, 2 threads
+    .venv/bin/python benchmarks/unet_speed.py --batch 32 --threads 4 --rounds 20
+
+Contenders, all text-conditioned noise predictors of (nearly) the same size:
+
+* ``mini_imagen.unet.EfficientUNet`` with the ``UNetConfig.base32()`` preset (or ``--config``);
+* diffusers' ``UNet2DConditionModel`` (Stable Diffusion's U-Net), given the same levels, residual
+  blocks per level, attention levels, text width and heads; its width is chosen to match the
+  parameter count, and the pooled text is added to its time embedding (``class_embed_type="projection"``);
+* imagen-pytorch's ``Unet`` (lucidrains), likewise mirrored, in its ``memory_efficient`` mode.
+
+Every contender gets the same batch (noisy images, timesteps, 32 text tokens of width 384 with a
+padding mask, pooled text), the same thread count and the same optimizer (AdamW). A *train step*
+is forward + MSE loss on the noise + backward + optimizer step; a *sampling step* is one no-grad
+forward pass over the batch (a guided step costs two of these, or one of twice the batch).
+Rounds are interleaved (A, B, C, A, B, C, ...) after warm-up so a busy machine slows every
+contender alike, and the median round is reported. Peak memory is measured in a fresh child
+process per contender (the growth of resident memory during one step, Linux only) or with
+``torch.cuda.max_memory_allocated`` on a GPU.
+
+imagen-pytorch needs two work-arounds, both applied only inside this script: its package
+``__init__`` imports its trainer, which needs the (large) ``datasets`` library, so only the
+``imagen_pytorch.imagen_pytorch`` module is imported; and that module calls
+``T5Config.from_pretrained`` at import time, which contacts the Hugging Face hub, so that one
+lookup is answered with a local ``T5Config`` (it only sets a default we override). When
+imagen-pytorch is missing (``pip install imagen-pytorch --no-deps beartype kornia einops``) its
+column is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass
+from typing import Callable
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+from mini_imagen.runtime import pick_device  # noqa: E402
+from mini_imagen.unet import EfficientUNet, UNetConfig  # noqa: E402
+
+PRESETS: dict[str, Callable[[], UNetConfig]] = {"base32": UNetConfig.base32, "tiny": UNetConfig.tiny}
+PEER_WIDTHS = range(8, 257, 4)  # widths tried when matching a peer's parameter count
+
+
+@dataclass
+class Batch:
+    """One training batch, shared by every contender."""
+
+    x_t: Tensor  # (B, 3, H, W) noisy images
+    t: Tensor  # (B,) integer timesteps in [0, 1000)
+    noise: Tensor  # (B, 3, H, W) the target
+    tokens: Tensor  # (B, L, 384)
+    mask: Tensor  # (B, L) bool, True = real token
+    pooled: Tensor  # (B, 384)
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    denoise: Callable[[Batch], Tensor]  # the model's noise prediction for the batch
+    width: int  # the width that was matched (mini-imagen: base_channels)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def make_batch(config: UNetConfig, batch_size: int, device: torch.device, seed: int = 0) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    size, length, dim = config.image_size, config.max_text_len, config.text_embed_dim
+    lengths = torch.randint(4, length + 1, (batch_size,), generator=generator)
+    tensors = dict(
+        x_t=torch.randn(batch_size, config.in_channels, size, size, generator=generator),
+        t=torch.randint(0, 1000, (batch_size,), generator=generator),
+        noise=torch.randn(batch_size, config.out_channels, size, size, generator=generator),
+        tokens=torch.randn(batch_size, length, dim, generator=generator),
+        mask=torch.arange(length)[None, :] < lengths[:, None],
+        pooled=torch.randn(batch_size, dim, generator=generator),
+    )
+    return Batch(**{name: value.to(device) for name, value in tensors.items()})
+
+
+# ----------------------------------------------------------------------------- the contenders
+
+
+def build_mini_imagen(config: UNetConfig) -> Contender:
+    model = EfficientUNet(config)
+    return Contender("mini-imagen EfficientUNet", model,
+                     lambda b: model(b.x_t, b.t, b.tokens, b.mask, b.pooled), config.base_channels)
+
+
+def build_diffusers(config: UNetConfig, width: int) -> Contender:
+    from diffusers import UNet2DConditionModel
+
+    attended = [size in config.attention_resolutions or size in config.cross_attention_resolutions
+                for size in config.level_sizes]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attended)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended))
+    model = UNet2DConditionModel(
+        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
+        block_out_channels=tuple(width * m for m in config.channel_mults), layers_per_block=config.num_res_blocks,
+        down_block_types=down, up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn" if attended[-1] else "UNetMidBlock2D",
+        norm_num_groups=math.gcd(32, width), cross_attention_dim=config.text_embed_dim,
+        attention_head_dim=config.num_heads,  # sic: diffusers reads this as the number of heads
+        class_embed_type="projection", projection_class_embeddings_input_dim=config.text_embed_dim,
+    )
+    return Contender("diffusers UNet2DConditionModel", model, lambda b: model(
+        b.x_t, b.t, b.tokens, class_labels=b.pooled, encoder_attention_mask=b.mask).sample, width)
+
+
+def import_imagen_pytorch_unet() -> type:
+    """imagen-pytorch's ``Unet`` class without its trainer and without the hub (see the module docstring)."""
+    import transformers
+
+    spec = importlib.util.find_spec("imagen_pytorch")
+    if spec is None:
+        raise ImportError("imagen-pytorch is not installed (pip install imagen-pytorch --no-deps beartype kornia)")
+    if "imagen_pytorch" not in sys.modules:  # an empty package, so that its __init__ is not run
+        package = types.ModuleType("imagen_pytorch")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["imagen_pytorch"] = package
+    local_t5 = classmethod(lambda cls, name, **kwargs: cls(d_model=768))  # t5-v1_1-base's width, no download
+    with mock.patch.object(transformers.T5Config, "from_pretrained", local_t5):
+        return importlib.import_module("imagen_pytorch.imagen_pytorch").Unet
+
+
+def build_imagen_pytorch(config: UNetConfig, width: int) -> Contender:
+    Unet = import_imagen_pytorch_unet()
+    model = Unet(
+        dim=width, dim_mults=config.channel_mults, num_resnet_blocks=config.num_res_blocks,
+        layer_attns=tuple(s in config.attention_resolutions for s in config.level_sizes),
+        layer_cross_attns=tuple(s in config.cross_attention_resolutions for s in config.level_sizes),
+        attn_heads=config.num_heads, text_embed_dim=config.text_embed_dim, max_text_len=config.max_text_len,
+        channels=config.in_channels, channels_out=config.out_channels, memory_efficient=True,
+    )
+    # imagen-pytorch works in continuous time t/T in [0, 1], and reads no pooled vector (it pools the tokens).
+    return Contender("imagen-pytorch Unet", model, lambda b: model(
+        b.x_t, b.t.float() / 1000, text_embeds=b.tokens, text_mask=b.mask), width)
+
+
+BUILDERS: dict[str, Callable[[UNetConfig, int], Contender]] = {
+    "diffusers": build_diffusers, "imagen-pytorch": build_imagen_pytorch,
+}
+
+
+def match_width(builder: Callable[[UNetConfig, int], Contender], config: UNetConfig, target: int) -> Contender:
+    """The contender whose parameter count is closest to ``target`` (widths grow until they overshoot)."""
+    best: Contender | None = None
+    for width in PEER_WIDTHS:
+        try:
+            contender = builder(config, width)
+        except (ValueError, AssertionError, RuntimeError):  # e.g. width not divisible by the heads
+            continue
+        if best is None or abs(contender.num_parameters - target) < abs(best.num_parameters - target):
+            best = contender
+        if contender.num_parameters > target:
+            break
+    if best is None:
+        raise ValueError(f"no width in {PEER_WIDTHS} builds")
+    return best
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(contender: Contender, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    loss = F.mse_loss(contender.denoise(batch), batch.noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def sampling_step(contender: Contender, batch: Batch) -> None:
+    with torch.inference_mode():
+        contender.denoise(batch)
+
+
+def race(contenders: list[Contender], step: Callable[[Contender], None], warmup: int, rounds: int,
+         device: torch.device) -> list[float]:
+    """Median seconds per step of each contender, rounds interleaved across contenders."""
+    times: list[list[float]] = [[] for _ in contenders]
+    for round_index in range(warmup + rounds):
+        for contender, seconds in zip(contenders, times):
+            sync(device)
+            start = time.perf_counter()
+            step(contender)
+            sync(device)
+            if round_index >= warmup:
+                seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in times]
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # the value is in kB
+
+
+def peak_memory_mib(contender: Contender, batch: Batch, device: torch.device) -> tuple[float, float]:
+    """Extra memory of one (sampling step, train step) above what the model and batch already hold."""
+    optimizer = torch.optim.AdamW(contender.model.parameters(), lr=1e-4)
+    peaks = []
+    for step in (lambda: sampling_step(contender, batch), lambda: train_step(contender, optimizer, batch)):
+        if device.type == "cuda":
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        else:
+            base = _rss_mib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # reset the peak-RSS counter (VmHWM) of this process
+            step()
+            peaks.append(_rss_mib("VmHWM") - base)
+    return peaks[0], peaks[1]
+
+
+def probe_memory_in_child(name: str, width: int, args: argparse.Namespace) -> tuple[float, float] | None:
+    """Run ``peak_memory_mib`` for one contender in a fresh process, so contenders cannot share freed memory."""
+    if not sys.platform.startswith("linux"):
+        return None
+    command = [sys.executable, os.path.abspath(__file__), "--probe-memory", f"{name}:{width}",
+               "--config", args.config, "--batch", str(args.batch), "--threads", str(args.threads)]
+    # glibc then returns every freed block over 64 KiB to the OS, so resident memory follows live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"  (memory probe of {name} failed: {result.stderr.strip().splitlines()[-1:]})")
+        return None
+    sample_mib, train_mib = json.loads(result.stdout.strip().splitlines()[-1])
+    return sample_mib, train_mib
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def run_speed(args: argparse.Namespace) -> None:
+    """Train-step and sampling-step throughput and peak memory of the three U-Nets."""
+    device = pick_device(args.device)
+    config = PRESETS[args.config]()
+    batch = make_batch(config, args.batch, device)
+    mini = build_mini_imagen(config)
+    contenders, skipped = [mini], []
+    for name, builder in BUILDERS.items():
+        try:
+            contenders.append(match_width(builder, config, mini.num_parameters))
+        except Exception as error:  # a missing or broken peer only loses its column
+            skipped.append(f"{name}: {type(error).__name__}: {error}")
+    for contender in contenders:
+        contender.model.to(device).train()
+
+    cpu = platform.processor() or platform.machine()
+    if sys.platform.startswith("linux"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    print(f"device {device} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"batch {args.batch} x {config.in_channels}x{config.image_size}x{config.image_size}, text "
+          f"{config.max_text_len}x{config.text_embed_dim}, config '{args.config}', {args.warmup} warm-up + "
+          f"{args.rounds} timed rounds (median)")
+    for reason in skipped:
+        print(f"skipped {reason}")
+
+    optimizers = {id(c): torch.optim.AdamW(c.model.parameters(), lr=1e-4) for c in contenders}
+    train = race(contenders, lambda c: train_step(c, optimizers[id(c)], batch), args.warmup, args.rounds, device)
+    sample = race(contenders, lambda c: sampling_step(c, batch), args.warmup, args.rounds, device)
+    memory = [probe_memory_in_child(BUILDER_KEYS[c.name], c.width, args) if device.type == "cpu"
+              else peak_memory_mib(c, batch, device) for c in contenders]
+
+    header = f"{'model':32s} {'params':>8s} {'train ms':>9s} {'img/s':>7s} {'sample ms':>10s} {'img/s':>7s} " \
+             f"{'train MiB':>10s} {'sample MiB':>11s}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for contender, train_s, sample_s, mem in zip(contenders, train, sample, memory):
+        train_mib, sample_mib = ("n/a", "n/a") if mem is None else (f"{mem[1]:.0f}", f"{mem[0]:.0f}")
+        print(f"{contender.name:32s} {contender.num_parameters / 1e6:7.2f}M {1e3 * train_s:9.1f} "
+              f"{args.batch / train_s:7.1f} {1e3 * sample_s:10.1f} {args.batch / sample_s:7.1f} "
+              f"{train_mib:>10s} {sample_mib:>11s}")
+    print("\nspeed-up of mini-imagen (peer time / mini-imagen time):")
+    for contender, train_s, sample_s in zip(contenders[1:], train[1:], sample[1:]):
+        size = contender.num_parameters / mini.num_parameters - 1
+        print(f"  vs {contender.name:32s} train {train_s / train[0]:.2f}x, sampling {sample_s / sample[0]:.2f}x "
+              f"(width {contender.width}, params {size:+.1%})")
+
+
+BUILDER_KEYS = {"mini-imagen EfficientUNet": "mini-imagen", "diffusers UNet2DConditionModel": "diffusers",
+                "imagen-pytorch Unet": "imagen-pytorch"}
+MODES: dict[str, Callable[[argparse.Namespace], None]] = {"speed": run_speed}
+
+
+def probe_memory(args: argparse.Namespace) -> None:
+    """Child-process entry point of ``probe_memory_in_child``: prints [sample MiB, train MiB] as JSON."""
+    name, width = args.probe_memory.split(":")
+    config = PRESETS[args.config]()
+    contender = build_mini_imagen(config) if name == "mini-imagen" else BUILDERS[name](config, int(width))
+    batch = make_batch(config, args.batch, torch.device("cpu"))
+    print(json.dumps(peak_memory_mib(contender, batch, torch.device("cpu"))))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="speed")
+    parser.add_argument("--config", choices=sorted(PRESETS), default="base32", help="the mini-imagen U-Net preset")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every contender")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--probe-memory", help=argparse.SUPPRESS)  # internal: NAME:WIDTH, run in a child
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.probe_memory:
+        probe_memory(args)
+    else:
+        MODES[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

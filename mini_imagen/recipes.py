@@ -1,0 +1,172 @@
+"""Training recipes: a model, a data set and a training schedule in one plain dataclass.
+
+A recipe is what ``mini-imagen train --config ...`` runs. It is either a built-in preset
+
+    cpu-tiny    about a minute on a laptop CPU (smoke tests, the demo's fallback model)
+    cpu-small   the CPU course model: about an hour on 2 cores
+    colab-t4    a stronger cascade for one Colab T4 GPU (about 15 minutes a stage)
+
+or a YAML / JSON file that starts from a preset and overrides fields::
+
+    preset: cpu-small
+    train: {steps: 3000, learning_rate: 3.0e-4}
+    data: {held_out_pairs: [[purple, triangle]]}
+    stage_steps: [3000, 1500]
+
+Training goes one stage at a time (Imagen trains its cascade stages independently, sec. 2.4);
+after each stage the EMA weights are written with ``Imagen.save_pretrained``, so a finished
+stage is never trained again and a killed run resumes from the stage's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from mini_imagen.data import SceneConfig, SceneDataset, collate_scenes
+from mini_imagen.imagen import Imagen, ImagenConfig, StageConfig
+from mini_imagen.train import TrainConfig, Trainer
+from mini_imagen.unet import UNetConfig
+
+
+@dataclass
+class TrainRecipe:
+    """Everything needed to train a cascade reproducibly (saved beside the model as recipe.json)."""
+
+    model: ImagenConfig = field(default_factory=ImagenConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: SceneConfig = field(default_factory=SceneConfig)
+    num_scenes: int = 20_000  # size of the training set (rendered on the fly, deterministic per index)
+    stage_steps: list[int] | None = None  # per-stage training steps; None = train.steps for every stage
+
+    def steps_for(self, stage: int) -> int:
+        return self.stage_steps[stage] if self.stage_steps else self.train.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+# ----------------------------------------------------------------------------- presets
+def cpu_tiny() -> TrainRecipe:
+    """About a minute on a laptop CPU: a tiny 32 px base + 64 px SR (smoke tests, demo fallback)."""
+    base = StageConfig(unet=UNetConfig.tiny(image_size=32))
+    sr = StageConfig(unet=UNetConfig.tiny(image_size=64, lowres_cond=True))
+    train = TrainConfig(steps=150, batch_size=16, learning_rate=1e-3, warmup_steps=20, ema_decay=0.95,
+                        log_every=25, checkpoint_every=75)
+    return TrainRecipe(model=ImagenConfig(stages=[base, sr]), train=train,
+                       data=SceneConfig(resolution=64, max_objects=2), num_scenes=4000, stage_steps=[150, 60])
+
+
+def cpu_small() -> TrainRecipe:
+    """The CPU course model: base 32 px + SR 64 px, about an hour on 2 cores."""
+    base = StageConfig(unet=UNetConfig.base32())
+    sr = StageConfig(unet=UNetConfig.sr64())
+    train = TrainConfig(steps=4000, batch_size=32, learning_rate=5e-4, warmup_steps=200, ema_decay=0.999,
+                        log_every=50, checkpoint_every=500)
+    return TrainRecipe(model=ImagenConfig(stages=[base, sr]), train=train,
+                       data=SceneConfig(resolution=64), num_scenes=50_000, stage_steps=[4000, 1500])
+
+
+def colab_t4() -> TrainRecipe:
+    """One Colab T4 GPU, about 15 minutes a stage: wider U-Nets, bigger batches, mixed precision."""
+    recipe = cpu_small()
+    recipe.train = dataclasses.replace(recipe.train, steps=20_000, batch_size=128, learning_rate=3e-4,
+                                       warmup_steps=500, ema_decay=0.9995, mixed_precision="auto",
+                                       num_workers=2, checkpoint_every=2000)
+    recipe.num_scenes = 200_000
+    recipe.stage_steps = [20_000, 10_000]
+    return recipe
+
+
+PRESETS: dict[str, Callable[[], TrainRecipe]] = {"cpu-tiny": cpu_tiny, "cpu-small": cpu_small, "colab-t4": colab_t4}
+
+
+# ----------------------------------------------------------------------------- loading configs
+def load_recipe(name_or_path: str | Path) -> tuple[TrainRecipe, str]:
+    """A preset name, or a YAML/JSON file of overrides on top of a preset (``preset:``, default cpu-small)."""
+    name = str(name_or_path)
+    if name in PRESETS:
+        return PRESETS[name](), name
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"unknown config '{name}': give a file path or one of the presets {sorted(PRESETS)}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping with keys preset/model/train/data/num_scenes/stage_steps")
+    preset = data.pop("preset", "cpu-small")
+    if preset not in PRESETS:
+        raise ValueError(f"{path}: unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
+    recipe = PRESETS[preset]()
+    for key, value in data.items():
+        if key == "model":
+            recipe.model = ImagenConfig.from_dict({**recipe.model.to_dict(), **value})
+        elif key in ("train", "data"):
+            current = getattr(recipe, key)
+            setattr(recipe, key, _replace(current, value, f"{path}: {key}"))
+        elif key in ("num_scenes", "stage_steps"):
+            setattr(recipe, key, value)
+        else:
+            raise ValueError(f"{path}: unknown key '{key}'; allowed: preset, model, train, data, num_scenes, stage_steps")
+    return recipe, path.stem
+
+
+def _replace(obj: Any, overrides: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+    fixed = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+             for k, v in overrides.items()}
+    return dataclasses.replace(obj, **fixed)
+
+
+# ----------------------------------------------------------------------------- training
+def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | None = None,
+                 resume: bool = True) -> Path:
+    """Train the recipe's stages one after the other and save the cascade into ``output``."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    if (output / "config.json").is_file():  # keep stages that are already trained
+        imagen = Imagen.from_pretrained(output)
+    else:
+        imagen = Imagen(recipe.model)
+    stages = list(range(len(recipe.model.stages))) if stages is None else stages
+    dataset = SceneDataset(recipe.data, length=recipe.num_scenes)
+    encoder = imagen.text_encoder
+
+    for index in stages:
+        config = dataclasses.replace(recipe.train, steps=recipe.steps_for(index),
+                                     output_dir=str(output / f"stage{index}"))
+        generator = torch.Generator().manual_seed(config.seed + index)
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                            collate_fn=collate_scenes, num_workers=config.num_workers, generator=generator)
+
+        def loss_fn(unet: torch.nn.Module, batch: dict, index: int = index) -> torch.Tensor:
+            images = batch["image"].to(next(unet.parameters()).device)
+            text = encoder.encode(batch["caption"]).to(images.device)
+            return imagen.stage_loss(index, unet, images, text)
+
+        trainer = Trainer(imagen.unets[index], loss_fn, loader, config)
+        if resume:
+            trainer.resume()
+        print(f"training stage {index} ({recipe.model.stages[index].image_size}px) for {config.steps} steps "
+              f"-> {config.output_dir}")
+        trainer.train()
+        # Ship the EMA weights: they sample better than the raw weights (Imagen appendix, imagen-pytorch).
+        imagen.unets[index].load_state_dict(trainer.ema_model.state_dict())
+        imagen.unets[index].cpu()
+        imagen.save_pretrained(output)
+    return output
