@@ -32,6 +32,7 @@ column is skipped with the reason.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -43,21 +44,19 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
-
-from mini_imagen.runtime import pick_device  # noqa: E402
-from mini_imagen.unet import EfficientUNet, UNetConfig  # noqa: E402
+from mini_imagen.runtime import pick_device
+from mini_imagen.unet import EfficientUNet, UNetConfig
 
 PRESETS: dict[str, Callable[[], UNetConfig]] = {"base32": UNetConfig.base32, "tiny": UNetConfig.tiny}
-PEER_WIDTHS = range(8, 257, 4)  # widths tried when matching a peer's parameter count
+PEER_WIDTHS = range(8, 257, 2)  # widths tried when matching a peer's parameter count
 
 
 @dataclass
@@ -88,14 +87,14 @@ def make_batch(config: UNetConfig, batch_size: int, device: torch.device, seed: 
     generator = torch.Generator().manual_seed(seed)
     size, length, dim = config.image_size, config.max_text_len, config.text_embed_dim
     lengths = torch.randint(4, length + 1, (batch_size,), generator=generator)
-    tensors = dict(
-        x_t=torch.randn(batch_size, config.in_channels, size, size, generator=generator),
-        t=torch.randint(0, 1000, (batch_size,), generator=generator),
-        noise=torch.randn(batch_size, config.out_channels, size, size, generator=generator),
-        tokens=torch.randn(batch_size, length, dim, generator=generator),
-        mask=torch.arange(length)[None, :] < lengths[:, None],
-        pooled=torch.randn(batch_size, dim, generator=generator),
-    )
+    tensors = {
+        "x_t": torch.randn(batch_size, config.in_channels, size, size, generator=generator),
+        "t": torch.randint(0, 1000, (batch_size,), generator=generator),
+        "noise": torch.randn(batch_size, config.out_channels, size, size, generator=generator),
+        "tokens": torch.randn(batch_size, length, dim, generator=generator),
+        "mask": torch.arange(length)[None, :] < lengths[:, None],
+        "pooled": torch.randn(batch_size, dim, generator=generator),
+    }
     return Batch(**{name: value.to(device) for name, value in tensors.items()})
 
 
@@ -128,6 +127,7 @@ def build_diffusers(config: UNetConfig, width: int) -> Contender:
         b.x_t, b.t, b.tokens, class_labels=b.pooled, encoder_attention_mask=b.mask).sample, width)
 
 
+@functools.cache
 def import_imagen_pytorch_unet() -> type:
     """imagen-pytorch's ``Unet`` class without its trainer and without the hub (see the module docstring)."""
     import transformers
@@ -135,10 +135,9 @@ def import_imagen_pytorch_unet() -> type:
     spec = importlib.util.find_spec("imagen_pytorch")
     if spec is None:
         raise ImportError("imagen-pytorch is not installed (pip install imagen-pytorch --no-deps beartype kornia)")
-    if "imagen_pytorch" not in sys.modules:  # an empty package, so that its __init__ is not run
-        package = types.ModuleType("imagen_pytorch")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["imagen_pytorch"] = package
+    package = types.ModuleType("imagen_pytorch")  # an empty package, so that its __init__ is not run
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["imagen_pytorch"] = package
     local_t5 = classmethod(lambda cls, name, **kwargs: cls(d_model=768))  # t5-v1_1-base's width, no download
     with mock.patch.object(transformers.T5Config, "from_pretrained", local_t5):
         return importlib.import_module("imagen_pytorch.imagen_pytorch").Unet
@@ -205,7 +204,7 @@ def race(contenders: list[Contender], step: Callable[[Contender], None], warmup:
     """Median seconds per step of each contender, rounds interleaved across contenders."""
     times: list[list[float]] = [[] for _ in contenders]
     for round_index in range(warmup + rounds):
-        for contender, seconds in zip(contenders, times):
+        for contender, seconds in zip(contenders, times, strict=True):
             sync(device)
             start = time.perf_counter()
             step(contender)
@@ -248,7 +247,7 @@ def probe_memory_in_child(name: str, width: int, args: argparse.Namespace) -> tu
                "--config", args.config, "--batch", str(args.batch), "--threads", str(args.threads)]
     # glibc then returns every freed block over 64 KiB to the OS, so resident memory follows live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"  (memory probe of {name} failed: {result.stderr.strip().splitlines()[-1:]})")
         return None
@@ -269,7 +268,7 @@ def run_speed(args: argparse.Namespace) -> None:
     for name, builder in BUILDERS.items():
         try:
             contenders.append(match_width(builder, config, mini.num_parameters))
-        except Exception as error:  # a missing or broken peer only loses its column
+        except (ImportError, ValueError, RuntimeError, TypeError) as error:  # a missing peer only loses its column
             skipped.append(f"{name}: {type(error).__name__}: {error}")
     for contender in contenders:
         contender.model.to(device).train()
@@ -294,13 +293,13 @@ def run_speed(args: argparse.Namespace) -> None:
     header = f"{'model':32s} {'params':>8s} {'train ms':>9s} {'img/s':>7s} {'sample ms':>10s} {'img/s':>7s} " \
              f"{'train MiB':>10s} {'sample MiB':>11s}"
     print("\n" + header + "\n" + "-" * len(header))
-    for contender, train_s, sample_s, mem in zip(contenders, train, sample, memory):
+    for contender, train_s, sample_s, mem in zip(contenders, train, sample, memory, strict=True):
         train_mib, sample_mib = ("n/a", "n/a") if mem is None else (f"{mem[1]:.0f}", f"{mem[0]:.0f}")
         print(f"{contender.name:32s} {contender.num_parameters / 1e6:7.2f}M {1e3 * train_s:9.1f} "
               f"{args.batch / train_s:7.1f} {1e3 * sample_s:10.1f} {args.batch / sample_s:7.1f} "
               f"{train_mib:>10s} {sample_mib:>11s}")
     print("\nspeed-up of mini-imagen (peer time / mini-imagen time):")
-    for contender, train_s, sample_s in zip(contenders[1:], train[1:], sample[1:]):
+    for contender, train_s, sample_s in zip(contenders[1:], train[1:], sample[1:], strict=True):
         size = contender.num_parameters / mini.num_parameters - 1
         print(f"  vs {contender.name:32s} train {train_s / train[0]:.2f}x, sampling {sample_s / sample[0]:.2f}x "
               f"(width {contender.width}, params {size:+.1%})")

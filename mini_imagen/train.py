@@ -377,6 +377,9 @@ class Trainer:
                     }
                     records.append(record)
                     self.history.append(record)
+                    if bar.disable and self.accelerator.is_main_process:  # no bar (not a terminal): log lines
+                        print(f"step {self.step}/{end}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                              f"{record['it/s']:.2f} it/s", flush=True)
                     window_losses, window_start = [], time.perf_counter()
                 if config.sample_every and self.step % config.sample_every == 0:
                     self.save_samples()

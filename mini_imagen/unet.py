@@ -1,6 +1,6 @@
-"""The Efficient U-Net: Imagen's text-conditioned denoiser (Saharia et al., 2022, sec. 2.5, appendix B.1).
+r"""The Efficient U-Net: Imagen's text-conditioned denoiser (Saharia et al., 2022, sec. 2.5, appendix B.1).
 
-The network predicts the noise $\\epsilon$ in a noisy image $x_t$, given the timestep $t$ and the text:
+The network predicts the noise $\epsilon$ in a noisy image $x_t$, given the timestep $t$ and the text:
 
     x_t ─► conv ─► DBlock 32px ─► DBlock 16px ─► DBlock 8px ─┐
                       │ skip         │ skip                   │  (bottleneck: no skip)
@@ -10,7 +10,9 @@ It is the DDPM U-Net (Ho et al., 2020) with Imagen's three "Efficient U-Net" cha
 
 1. **More residual blocks at low resolution** (``num_res_blocks=(1, 2, 3)``): parameters move to the
    cheap small feature maps, away from the expensive large ones.
-2. **Skip connections scaled by** $1/\\sqrt{2}$, which speeds up convergence when blocks are deep.
+2. **Skip connections scaled by** $1/\sqrt{2}$, which speeds up convergence when blocks are deep. Here
+   a UBlock *adds* the skip, $(h + \mathrm{skip})/\sqrt{2}$, which keeps unit variance and, unlike
+   DDPM's concatenation, does not double the channels its first convolution must read.
 3. **Down-sample first, up-sample last**: a DBlock halves the image *before* its convolutions and a
    UBlock doubles it *after* them, so every convolution of a block runs at the lower resolution.
 
@@ -94,17 +96,21 @@ class UNetConfig:
         for name in ("attention_resolutions", "cross_attention_resolutions"):
             unknown = sorted(set(getattr(self, name)) - set(self.level_sizes))
             if unknown:
-                raise ValueError(f"{name} has {unknown}, which are not feature-map sizes; choose from {self.level_sizes}")
+                raise ValueError(
+                    f"{name} has {unknown}, which are not feature-map sizes; choose from {self.level_sizes}"
+                )
         attended = set(self.attention_resolutions) | set(self.cross_attention_resolutions)
-        for size, channels in zip(self.level_sizes, self.level_channels):
+        for size, channels in zip(self.level_sizes, self.level_channels, strict=True):
             if size in attended and channels % self.num_heads:
-                raise ValueError(f"the {size}px level has {channels} channels, not divisible by num_heads={self.num_heads}")
+                raise ValueError(
+                    f"the {size}px level has {channels} channels, not divisible by num_heads={self.num_heads}"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     # --- presets ---------------------------------------------------------------------------------
     @classmethod
-    def tiny(cls, image_size: int = 32, lowres_cond: bool = False, **overrides: Any) -> "UNetConfig":
+    def tiny(cls, image_size: int = 32, lowres_cond: bool = False, **overrides: Any) -> UNetConfig:
         """About 0.2M parameters: unit tests and CPU smoke runs. Attention at the smallest level only."""
         smallest = image_size // 4
         preset = cls(
@@ -115,12 +121,12 @@ class UNetConfig:
         return replace(preset, **overrides)
 
     @classmethod
-    def base32(cls, **overrides: Any) -> "UNetConfig":
+    def base32(cls, **overrides: Any) -> UNetConfig:
         """The course's 32 px base model (about 3M parameters): self-attention at 8 px, text at 8 and 16 px."""
-        return replace(cls(), **overrides)
+        return replace(cls(base_channels=32), **overrides)
 
     @classmethod
-    def sr64(cls, **overrides: Any) -> "UNetConfig":
+    def sr64(cls, **overrides: Any) -> UNetConfig:
         """The 32 -> 64 px super-resolution model. Like Imagen's SR U-Nets it has no self-attention,
         only text cross-attention at its smallest level (appendix B.1)."""
         preset = cls(
@@ -157,15 +163,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 class ResBlock(nn.Module):
     """Imagen's ResNetBlock (Fig. A.28) with FiLM conditioning: the condition $c$ scales and shifts the features."""
 
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, dropout: float):
+    def __init__(self, channels: int, cond_dim: int, dropout: float):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.film = nn.Linear(cond_dim, 2 * out_channels)
-        self.norm2 = group_norm(out_channels, affine=False)  # its scale and shift come from c instead
+        self.norm1 = group_norm(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.film = nn.Linear(cond_dim, 2 * channels)
+        self.norm2 = group_norm(channels, affine=False)  # its scale and shift come from c instead
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = zero_init(nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -173,7 +178,7 @@ class ResBlock(nn.Module):
         # adaptive GroupNorm: $h \leftarrow \mathrm{GN}(h)\,(1 + \gamma(c)) + \beta(c)$
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
-        return h + self.skip(x)
+        return x + h
 
 
 class Attention(nn.Module):
@@ -207,28 +212,27 @@ class Attention(nn.Module):
             k, v = self.to_kv(context).chunk(2, dim=-1)
             null_k, null_v = self.null_kv.expand(2, batch, channels).unsqueeze(2)  # (B, 1, C) each
             k, v = torch.cat([null_k, k], dim=1), torch.cat([null_v, v], dim=1)
-            keep = torch.cat([context_mask.new_ones(batch, 1), context_mask], dim=1)  # the null key is always real
+            keep = torch.cat([context_mask.new_ones(batch, 1), context_mask], dim=1)  # the null key is always kept
             attn_mask = keep[:, None, None, :]  # (B, 1, 1, 1 + L): broadcast over heads and queries
         q, k, v = (self._split_heads(z) for z in (q, k, v))
-        # $\mathrm{softmax}(q k^\top / \sqrt{d})\,v$ in one fused kernel; masked keys get weight 0
+        # $\mathrm{softmax}(q k^\top / \sqrt{d})\,v$ in one fused kernel; masked-out keys get weight 0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, height * width, channels)
         return x + self.out(out).transpose(1, 2).reshape(batch, channels, height, width)
 
     def _split_heads(self, z: Tensor) -> Tensor:
+        """(B, N, C) -> (B, heads, N, C / heads)."""
         batch, length, channels = z.shape
         return z.view(batch, length, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
 
 class Block(nn.Module):
-    """ResBlocks then optional self- and cross-attention: the body shared by a DBlock and a UBlock."""
+    """What runs at one resolution: ResBlocks, then optional self-attention and text cross-attention."""
 
-    def __init__(self, in_channels: int, channels: int, num_res_blocks: int, cond_dim: int, dropout: float,
-                 num_heads: int, self_attention: bool, cross_attention_dim: int | None):
+    def __init__(self, channels: int, num_res_blocks: int, cond_dim: int, dropout: float, num_heads: int,
+                 self_attention: bool, cross_attention_dim: int | None):
         super().__init__()
-        self.res_blocks = nn.ModuleList(
-            ResBlock(in_channels if i == 0 else channels, channels, cond_dim, dropout) for i in range(num_res_blocks)
-        )
+        self.res_blocks = nn.ModuleList(ResBlock(channels, cond_dim, dropout) for _ in range(num_res_blocks))
         self.self_attention = Attention(channels, num_heads) if self_attention else None
         self.cross_attention = Attention(channels, num_heads, cross_attention_dim) if cross_attention_dim else None
 
@@ -243,33 +247,31 @@ class Block(nn.Module):
 
 
 class DBlock(Block):
-    """Efficient U-Net DBlock (Fig. A.29): *first* a strided conv halves the image, then the Block runs small."""
+    """Efficient U-Net DBlock (Fig. A.29): *first* halve the image (strided conv), then run the Block small."""
 
     def __init__(self, in_channels: int, channels: int, downsample: bool, **block: Any):
-        super().__init__(channels if downsample else in_channels, channels, **block)
-        self.downsample = nn.Conv2d(in_channels, channels, 3, stride=2, padding=1) if downsample else None
+        super().__init__(channels, **block)
+        self.downsample = nn.Conv2d(in_channels, channels, 3, stride=2, padding=1) if downsample else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return super().forward(x, cond, text, text_mask)
+        return super().forward(self.downsample(x), cond, text, text_mask)
 
 
 class UBlock(Block):
-    """Efficient U-Net UBlock (Fig. A.29): concat the scaled skip, run the Block, and *then* double the image."""
+    """Efficient U-Net UBlock (Fig. A.29): add the scaled skip, run the Block, and *then* double the image."""
 
-    def __init__(self, in_channels: int, skip_channels: int, channels: int, out_channels: int, upsample: bool,
-                 **block: Any):
-        super().__init__(in_channels, channels, **block)
-        self.upsample = nn.Sequential(nn.Conv2d(channels, 4 * out_channels, 1), nn.PixelShuffle(2)) if upsample else None
+    def __init__(self, channels: int, out_channels: int, upsample: bool, **block: Any):
+        super().__init__(channels, **block)
+        # Sub-pixel up-sampling (Shi et al., 2016), as in imagen-pytorch: a 1x1 conv makes 4 x out_channels
+        # channels at the low resolution, and PixelShuffle rearranges them into a 2x larger image.
+        self.upsample = (nn.Sequential(nn.Conv2d(channels, 4 * out_channels, 1), nn.PixelShuffle(2))
+                         if upsample else nn.Identity())
 
     def forward(self, x: Tensor, skip: Tensor | None, cond: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         if skip is not None:
+            # U-Net skip connection, scaled by $1/\sqrt{2}$ (appendix B.1): $\mathrm{Var}[(a + b)/\sqrt{2}] = 1$
             x = (x + skip) * 2**-0.5
-        x = super().forward(x, cond, text, text_mask)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
+        return self.upsample(super().forward(x, cond, text, text_mask))
 
 
 # ----------------------------------------------------------------------------- the network
@@ -299,21 +301,18 @@ class EfficientUNet(nn.Module):
         channels, sizes = config.level_channels, config.level_sizes
 
         def block_options(level: int) -> dict[str, Any]:
-            return dict(
-                num_res_blocks=config.num_res_blocks[level], cond_dim=cond_dim, dropout=config.dropout,
-                num_heads=config.num_heads, self_attention=sizes[level] in config.attention_resolutions,
-                cross_attention_dim=text_dim if sizes[level] in config.cross_attention_resolutions else None,
-            )
+            return {
+                "num_res_blocks": config.num_res_blocks[level], "cond_dim": cond_dim, "dropout": config.dropout,
+                "num_heads": config.num_heads, "self_attention": sizes[level] in config.attention_resolutions,
+                "cross_attention_dim": text_dim if sizes[level] in config.cross_attention_resolutions else None,
+            }
 
         self.down_blocks = nn.ModuleList(
             DBlock(channels[max(level - 1, 0)], channels[level], downsample=level > 0, **block_options(level))
             for level in range(len(channels))
         )
-        # Up path, smallest level first. The smallest level takes no skip: its DBlock feeds it directly.
-        lowest = len(channels) - 1
-        self.up_blocks = nn.ModuleList(
-            UBlock(channels[level], 0 if level == lowest else channels[level], channels[level],
-                   channels[max(level - 1, 0)], upsample=level > 0, **block_options(level))
+        self.up_blocks = nn.ModuleList(  # smallest level first
+            UBlock(channels[level], channels[max(level - 1, 0)], upsample=level > 0, **block_options(level))
             for level in reversed(range(len(channels)))
         )
         self.out_norm = group_norm(base)
@@ -340,12 +339,13 @@ class EfficientUNet(nn.Module):
         by the batch; ``lowres_noise_level`` defaults to 0 (a clean low-res image).
         ``drop_text`` (B,) bool replaces those rows' text by the learned null text (CFG).
         """
-        self._check_inputs(x_t, text_tokens, text_mask, text_pooled, lowres_image)
+        self._check_inputs(x_t, text_tokens, text_mask, text_pooled, lowres_image, lowres_noise_level)
         batch = x_t.shape[0]
         t = _per_sample(t, batch, "t", x_t.device)
         if drop_text is not None:
             text_tokens, text_mask, text_pooled = self._drop_text(drop_text, text_tokens, text_mask, text_pooled)
 
+        # $c = \mathrm{MLP}(\mathrm{emb}(t)) + W\,\mathrm{LN}(\mathrm{pooled})$ (+ the aug-level MLP, SR)
         cond = self.time_mlp(timestep_embedding(t, self.config.base_channels)) + self.pooled_text_proj(text_pooled)
         x = x_t
         if self.config.lowres_cond:
@@ -363,9 +363,9 @@ class EfficientUNet(nn.Module):
         for down in self.down_blocks:
             h = down(h, cond, text, text_mask)
             skips.append(h)
-        skips.pop()  # the smallest level's output goes straight up, not through a skip
+        skips[-1] = None  # the smallest level's output goes straight up, not through a skip
         for up in self.up_blocks:
-            h = up(h, skips.pop() if up is not self.up_blocks[0] else None, cond, text, text_mask)
+            h = up(h, skips.pop(), cond, text, text_mask)
         return self.out_conv(F.silu(self.out_norm(h)))
 
     def _drop_text(self, drop_text: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> tuple[Tensor, ...]:
@@ -381,7 +381,7 @@ class EfficientUNet(nn.Module):
         return tokens, mask, pooled
 
     def _check_inputs(self, x_t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor,
-                      lowres_image: Tensor | None) -> None:
+                      lowres_image: Tensor | None, lowres_noise_level: Tensor | None) -> None:
         config = self.config
         if x_t.ndim != 4 or x_t.shape[1] != config.in_channels:
             raise ValueError(f"x_t must be (B, {config.in_channels}, H, W), got {tuple(x_t.shape)}")
@@ -406,11 +406,12 @@ class EfficientUNet(nn.Module):
             if lowres_image.ndim != 4 or lowres_image.shape[:2] != (batch, config.in_channels):
                 raise ValueError(f"lowres_image must be (B={batch}, {config.in_channels}, h, w), "
                                  f"got {tuple(lowres_image.shape)}")
-        elif lowres_image is not None:
-            raise ValueError("lowres_image was given but this U-Net is a base model (lowres_cond=False)")
+        elif lowres_image is not None or lowres_noise_level is not None:
+            raise ValueError("lowres_image / lowres_noise_level were given but this U-Net is a base model "
+                             "(lowres_cond=False)")
 
 
-def _per_sample(value: Tensor | int | float, batch: int, name: str, device: torch.device) -> Tensor:
+def _per_sample(value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
     """A scalar or (B,) timestep as a (B,) tensor."""
     value = torch.as_tensor(value, device=device)
     if value.ndim == 0:

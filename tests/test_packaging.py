@@ -72,3 +72,12 @@ def test_cli_unknown_option_is_one_clear_line():
     assert out.returncode != 0
     assert "unrecognized arguments: --bogus" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_every_public_name_resolves():
+    import mini_imagen
+
+    for name in mini_imagen.__all__:
+        assert getattr(mini_imagen, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        mini_imagen.NotAThing  # noqa: B018

@@ -73,7 +73,7 @@ def compare_loops(ours: Sampler, ref, num_steps: int, spacing: str, scale: float
     return x
 
 
-def compare_ddpm_loops(ours: DDPMSampler, ref: DDPMScheduler, num_steps: int, spacing: str, scale: float = 1.0):
+def compare_ddpm_loops(ours: Sampler, ref: DDPMScheduler, num_steps: int, spacing: str, scale: float = 1.0):
     """``compare_loops`` for DDPM: diffusers' DDPM draws its own noise, so both get one generator seed."""
     ours.set_timesteps(num_steps, spacing)
     assert ours.timesteps.tolist() == ref.timesteps.tolist()
@@ -172,7 +172,7 @@ def test_ddim_options_equal_diffusers(options):
     compare_loops(ours, ref, 25, "leading", eta=0.5, use_clipped_model_output=use_clipped)
 
 
-@pytest.mark.parametrize("num_steps", [1, 2, 20])
+@pytest.mark.parametrize("num_steps", [1, 20])
 @pytest.mark.parametrize("thresholding", ["none", "static"])
 @pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -237,7 +237,7 @@ def test_float32_sampling_stays_float32_and_close_to_float64():
 
 
 # ----------------------------------------------------------------------------- the ideal denoiser
-DATA = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0), **F64) * 2 - 1  # 4 points, ~2.5 apart
+DATA = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0), **F64) * 2 - 1  # 4 points, 2.5 or more apart
 
 
 def test_ideal_denoiser_is_exact_for_a_single_data_point():
@@ -261,7 +261,7 @@ def test_ideal_denoiser_sees_the_data_mean_at_high_noise_and_the_nearest_point_a
     torch.testing.assert_close(ideal_x0(near, 0, DATA, schedule), DATA[[2, 0, 3]], rtol=0, atol=1e-8)
 
 
-SAMPLER_CASES = [("ddpm", {}, 50), ("ddim", {}, 25), ("ddim", {"eta": 1.0}, 50), ("dpm++2m", {}, 15)]
+SAMPLER_CASES = [("ddpm", {}, 50), ("ddim", {}, 25), ("dpm++2m", {}, 15)]  # DDIM with eta = 1 is DDPM (see above)
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)

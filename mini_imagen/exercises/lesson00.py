@@ -1,9 +1,4 @@
-"""Self-checks for the lessons' exercises: each says *right* or *not yet*, and why.
-
-A check never raises on a wrong answer (a lesson must still run top to bottom); it prints one
-line and returns ``True`` / ``False``. An unfinished exercise (a function that raises
-``NotImplementedError`` or returns ``None``) is reported as "not yet attempted".
-"""
+"""Lesson 00 exercises: mean pooling of token embeddings, reading a scene description."""
 
 from __future__ import annotations
 
@@ -12,26 +7,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-
-def _report(ok: bool, name: str, detail: str = "") -> bool:
-    mark = "right" if ok else "not yet"
-    print(f"[{mark}] {name}" + (f": {detail}" if detail else ""))
-    return ok
+from mini_imagen.exercises import _attempt, _report
 
 
-def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
-    try:
-        result = fn(*args)
-    except NotImplementedError:
-        return None, "not attempted yet (the function raises NotImplementedError)"
-    except Exception as error:  # a student's bug is feedback, not a crash
-        return None, f"your function raised {type(error).__name__}: {error}"
-    if result is None:
-        return None, "not attempted yet (the function returns None)"
-    return result, None
-
-
-# ----------------------------------------------------------------------------- lesson 00
 def check_mean_pooling(mean_pool: Callable[[Tensor, Tensor], Tensor]) -> bool:
     """Lesson 00: pooled = average of the token vectors where mask is True (padding ignored)."""
     generator = torch.Generator().manual_seed(0)

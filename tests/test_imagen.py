@@ -1,0 +1,135 @@
+"""The cascade: stage losses, guided sampling, save/load round trips and their clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mini_imagen.checkpoint import CheckpointError
+from mini_imagen.imagen import Imagen, ImagenConfig, StageConfig, resize_images
+from mini_imagen.text import load_text_encoder
+from mini_imagen.unet import UNetConfig
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_text_encoder()
+
+
+def tiny_config(sr: bool = True) -> ImagenConfig:
+    stages = [StageConfig(unet=UNetConfig.tiny(image_size=16))]
+    if sr:
+        stages.append(StageConfig(unet=UNetConfig.tiny(image_size=32, lowres_cond=True), prediction_type="v_prediction"))
+    return ImagenConfig(stages=stages)
+
+
+@pytest.fixture(scope="module")
+def imagen(encoder):
+    torch.manual_seed(0)
+    model = Imagen(tiny_config(), text_encoder=encoder).eval()
+    with torch.no_grad():  # leave the zero-initialised start: an untrained U-Net would ignore the text
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def test_stage_losses_are_finite_scalars_that_backpropagate(imagen):
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    text = imagen.encode_text(["a red circle", "two blue squares", "a green star at the top"])
+    for index, unet in enumerate(imagen.unets):
+        unet.zero_grad()
+        loss = imagen.stage_loss(index, unet, images, text, generator=torch.Generator().manual_seed(1))
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        grads = [p.grad for p in unet.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_sample_shapes_per_stage_and_same_seed_same_images(imagen):
+    prompts = ["a red circle above a blue square", "two green triangles"]
+    out = imagen.sample(prompts, steps=3, seed=5)
+    assert [tuple(x.shape) for x in out.stage_images] == [(2, 3, 16, 16), (2, 3, 32, 32)]
+    assert out.images.min() >= -1 and out.images.max() <= 1
+    again = imagen.sample(prompts, steps=3, seed=5)
+    assert torch.equal(out.images, again.images)
+    different = imagen.sample(prompts, steps=3, seed=6)
+    assert not torch.equal(out.images, different.images)
+    base_only = imagen.sample(prompts, steps=3, seed=5, stop_at_stage=0)
+    assert torch.equal(base_only.images, out.stage_images[0])
+    assert len(out.to_pil()) == 2 and out.to_pil()[0].size == (32, 32)
+
+
+def test_guidance_scale_changes_the_sample_and_one_is_plain_conditional(imagen):
+    prompts = ["a red circle"]
+    for sampler in ("ddpm", "ddim", "dpm++2m"):
+        w1 = imagen.sample(prompts, steps=3, seed=0, guidance_scale=1.0, sampler=sampler, stop_at_stage=0)
+        w5 = imagen.sample(prompts, steps=3, seed=0, guidance_scale=5.0, sampler=sampler, stop_at_stage=0)
+        assert not torch.allclose(w1.images, w5.images)
+
+
+def test_noise_aug_level_reaches_the_super_resolution_stage(imagen):
+    low = imagen.sample(["a red circle"], steps=2, seed=0, noise_aug_level=0.0)
+    high = imagen.sample(["a red circle"], steps=2, seed=0, noise_aug_level=0.5)
+    assert torch.equal(low.stage_images[0], high.stage_images[0])
+    assert not torch.allclose(low.images, high.images)
+
+
+def test_save_and_load_round_trip_gives_identical_samples(imagen, encoder, tmp_path):
+    imagen.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["stages"][1]["prediction_type"] == "v_prediction"
+    loaded = Imagen.from_pretrained(tmp_path / "model", text_encoder=encoder)
+    a = imagen.sample(["a red circle"], steps=2, seed=3)
+    b = loaded.sample(["a red circle"], steps=2, seed=3)
+    assert torch.equal(a.images, b.images)
+    # fp16 storage halves the file and still loads into float32 weights
+    imagen.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    half = Imagen.from_pretrained(tmp_path / "half", text_encoder=encoder)
+    assert next(half.parameters()).dtype == torch.float32
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("half") < 0.6 * size("model")
+
+
+def test_missing_corrupt_and_mismatched_models_fail_with_one_clear_line(imagen, encoder, tmp_path):
+    with pytest.raises(CheckpointError, match="not a mini-imagen model folder"):
+        Imagen.from_pretrained(tmp_path / "nothing-here")
+    folder = imagen.save_pretrained(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        Imagen.from_pretrained(folder, text_encoder=encoder)
+    imagen.save_pretrained(folder)
+    other = Imagen(tiny_config(sr=True), text_encoder=encoder)
+    config = other.config.to_dict()
+    config["stages"][0]["unet"]["base_channels"] = 32  # weights now belong to another architecture
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="another architecture") as error:
+        Imagen.from_pretrained(folder, text_encoder=encoder)
+    assert "\n" not in str(error.value)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid mini-imagen config"):
+        Imagen.from_pretrained(folder, text_encoder=encoder)
+
+
+def test_bad_configs_and_arguments_are_rejected(imagen):
+    with pytest.raises(ValueError, match="base model"):
+        Imagen(ImagenConfig(stages=[StageConfig(unet=UNetConfig.tiny(image_size=32, lowres_cond=True))]))
+    with pytest.raises(ValueError, match="must be super-resolution"):
+        Imagen(ImagenConfig(stages=[StageConfig(unet=UNetConfig.tiny(image_size=16)),
+                                    StageConfig(unet=UNetConfig.tiny(image_size=32))]))
+    with pytest.raises(ValueError, match="needs prompts"):
+        imagen.sample([])
+    with pytest.raises(ValueError, match="noise_aug_level"):
+        imagen.sample(["a red circle"], noise_aug_level=1.5)
+    with pytest.raises(ValueError, match="steps has 1 values"):
+        imagen.sample(["a red circle"], steps=[2])
+    with pytest.raises(ValueError, match="ddim"):
+        imagen.sample(["a red circle"], sampler="euler", steps=2)
+
+
+def test_resize_images_is_antialiased_down_and_smooth_up():
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2.0 - 1  # +-1 checkerboard
+    small = resize_images(checker.expand(1, 3, 32, 32), 16)
+    assert small.abs().max() < 0.1  # averaged to grey, not aliased to a pattern
+    assert resize_images(small, 32).shape == (1, 3, 32, 32)

@@ -1,0 +1,133 @@
+"""Training recipes (presets + YAML/JSON overrides), ``train_recipe`` end to end, and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mini_imagen import generate, recipes
+from mini_imagen.imagen import Imagen
+from mini_imagen.recipes import PRESETS, load_recipe, train_recipe
+
+
+def micro_recipe(steps: tuple[int, int] = (4, 2)) -> recipes.TrainRecipe:
+    recipe = recipes.cpu_tiny()
+    for stage, size in zip(recipe.model.stages, (16, 32)):
+        stage.unet.image_size = size
+        stage.unet.attention_resolutions = (size // 4,) if not stage.unet.lowres_cond else ()
+        stage.unet.cross_attention_resolutions = (size // 4,)
+    recipe.data.resolution = 32
+    recipe.train.batch_size = 4
+    recipe.train.checkpoint_every = 2
+    recipe.train.progress_bar = False
+    recipe.num_scenes = 32
+    recipe.stage_steps = list(steps)
+    return recipe
+
+
+def test_every_preset_builds_and_validates():
+    for name, factory in PRESETS.items():
+        recipe = factory()
+        recipe.model.validate()
+        assert len(recipe.model.stages) == 2, name
+        assert recipe.steps_for(0) > 0 and recipe.steps_for(1) > 0
+
+
+def test_config_file_overrides_a_preset(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: cpu-tiny\ntrain: {learning_rate: 3.0e-4, steps: 7}\n"
+                    "data: {held_out_pairs: [[purple, triangle]]}\nstage_steps: [7, 3]\n")
+    recipe, name = load_recipe(path)
+    assert name == "mine"
+    assert recipe.train.learning_rate == 3e-4 and recipe.stage_steps == [7, 3]
+    assert recipe.data.held_out_pairs == (("purple", "triangle"),)
+    json_path = tmp_path / "other.json"
+    json_path.write_text(json.dumps({"preset": "cpu-tiny", "num_scenes": 99}))
+    assert load_recipe(json_path)[0].num_scenes == 99
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {learning_rat: 1}\n", "unknown field"),
+    ("preset: gpu-huge\n", "unknown preset"),
+    ("bogus: 1\n", "unknown key 'bogus'"),
+    ("train: [1, 2\n", "not valid YAML"),
+    ("- a list\n", "must hold a mapping"),
+])
+def test_bad_config_files_are_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_recipe(path)
+    with pytest.raises(ValueError, match="unknown config"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_train_recipe_trains_every_stage_saves_and_resumes(tmp_path):
+    out = train_recipe(micro_recipe(), tmp_path / "run")
+    model = Imagen.from_pretrained(out)
+    assert [s.image_size for s in model.config.stages] == [16, 32]
+    assert (out / "recipe.json").is_file()
+    assert sorted(p.name for p in (out / "stage0" / "checkpoints").iterdir())[-1] == "step_0000004.pt"
+    before = {k: v.clone() for k, v in model.unets[1].state_dict().items()}
+    # Asking for more steps of stage 1 resumes its checkpoint (step 2) and keeps stage 0 as trained.
+    train_recipe(micro_recipe(steps=(4, 4)), out, stages=[1])
+    after = Imagen.from_pretrained(out)
+    assert sorted(p.name for p in (out / "stage1" / "checkpoints").iterdir())[-1] == "step_0000004.pt"
+    assert all(torch.equal(a, b) for a, b in zip(model.unets[0].state_dict().values(),
+                                                  after.unets[0].state_dict().values()))
+    assert any(not torch.equal(before[k], v) for k, v in after.unets[1].state_dict().items())
+
+
+def test_generate_grid_writes_one_row_per_prompt(tmp_path):
+    out = train_recipe(micro_recipe(steps=(1, 1)), tmp_path / "m")
+    png = generate.generate_grid(["a red circle", "two blue squares"], model=out, out=tmp_path / "g.png",
+                                 num_images=3, steps=2)
+    width, height = Image.open(png).size
+    assert (width, height) == (3 * 34 + 2, 2 * 34 + 2)  # 32 px tiles, 2 px padding
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate.generate_grid(["  \t\x00 "], model=out, out=tmp_path / "x.png")
+
+
+def test_demo_fallback_trains_once_and_is_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINI_IMAGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(generate, "SHIPPED_SCENE_MODEL", tmp_path / "no-shipped-weights")
+    monkeypatch.setitem(PRESETS, "cpu-tiny", lambda: micro_recipe(steps=(1, 1)))
+    first = generate.default_model_dir()
+    assert "being trained" in capsys.readouterr().out
+    assert generate.default_model_dir() == first and "being trained" not in capsys.readouterr().out
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "mini_imagen.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_cli_generate_and_its_errors(tmp_path):
+    model = train_recipe(micro_recipe(steps=(1, 1)), tmp_path / "m")
+    ok = _cli("generate", "a red circle", "--model", str(model), "--out", str(tmp_path / "cli.png"),
+              "--num-images", "2", "--steps", "2", "--sampler", "dpm++2m")
+    assert ok.returncode == 0, ok.stderr
+    assert Path(tmp_path / "cli.png").is_file() and "wrote" in ok.stdout
+    missing = _cli("generate", "a red circle", "--model", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "not a mini-imagen model folder" in missing.stderr and "Traceback" not in missing.stderr
+    empty = _cli("generate", "   ", "--model", str(model))
+    assert empty.returncode == 2 and "prompt is empty" in empty.stderr
+    no_gpu = _cli("generate", "a red circle", "--model", str(model), "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert no_gpu.returncode == 2 and "no CUDA GPU" in no_gpu.stderr
+
+
+def test_cli_presets_lists_every_preset():
+    out = _cli("presets")
+    assert out.returncode == 0
+    for name in PRESETS:
+        assert name in out.stdout
