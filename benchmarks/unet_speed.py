@@ -73,6 +73,7 @@ class Batch:
 
 @dataclass
 class Contender:
+    key: str  # "mini-imagen", or a key of BUILDERS
     name: str
     model: nn.Module
     denoise: Callable[[Batch], Tensor]  # the model's noise prediction for the batch
@@ -103,7 +104,7 @@ def make_batch(config: UNetConfig, batch_size: int, device: torch.device, seed: 
 
 def build_mini_imagen(config: UNetConfig) -> Contender:
     model = EfficientUNet(config)
-    return Contender("mini-imagen EfficientUNet", model,
+    return Contender("mini-imagen", "mini-imagen EfficientUNet", model,
                      lambda b: model(b.x_t, b.t, b.tokens, b.mask, b.pooled), config.base_channels)
 
 
@@ -123,7 +124,7 @@ def build_diffusers(config: UNetConfig, width: int) -> Contender:
         attention_head_dim=config.num_heads,  # sic: diffusers reads this as the number of heads
         class_embed_type="projection", projection_class_embeddings_input_dim=config.text_embed_dim,
     )
-    return Contender("diffusers UNet2DConditionModel", model, lambda b: model(
+    return Contender("diffusers", "diffusers UNet2DConditionModel", model, lambda b: model(
         b.x_t, b.t, b.tokens, class_labels=b.pooled, encoder_attention_mask=b.mask).sample, width)
 
 
@@ -153,7 +154,7 @@ def build_imagen_pytorch(config: UNetConfig, width: int) -> Contender:
         channels=config.in_channels, channels_out=config.out_channels, memory_efficient=True,
     )
     # imagen-pytorch works in continuous time t/T in [0, 1], and reads no pooled vector (it pools the tokens).
-    return Contender("imagen-pytorch Unet", model, lambda b: model(
+    return Contender("imagen-pytorch", "imagen-pytorch Unet", model, lambda b: model(
         b.x_t, b.t.float() / 1000, text_embeds=b.tokens, text_mask=b.mask), width)
 
 
@@ -239,17 +240,17 @@ def peak_memory_mib(contender: Contender, batch: Batch, device: torch.device) ->
     return peaks[0], peaks[1]
 
 
-def probe_memory_in_child(name: str, width: int, args: argparse.Namespace) -> tuple[float, float] | None:
+def probe_memory_in_child(key: str, width: int, args: argparse.Namespace) -> tuple[float, float] | None:
     """Run ``peak_memory_mib`` for one contender in a fresh process, so contenders cannot share freed memory."""
     if not sys.platform.startswith("linux"):
         return None
-    command = [sys.executable, os.path.abspath(__file__), "--probe-memory", f"{name}:{width}",
+    command = [sys.executable, os.path.abspath(__file__), "--probe-memory", f"{key}:{width}",
                "--config", args.config, "--batch", str(args.batch), "--threads", str(args.threads)]
     # glibc then returns every freed block over 64 KiB to the OS, so resident memory follows live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        print(f"  (memory probe of {name} failed: {result.stderr.strip().splitlines()[-1:]})")
+        print(f"  (memory probe of {key} failed: {result.stderr.strip().splitlines()[-1:]})")
         return None
     sample_mib, train_mib = json.loads(result.stdout.strip().splitlines()[-1])
     return sample_mib, train_mib
@@ -258,11 +259,8 @@ def probe_memory_in_child(name: str, width: int, args: argparse.Namespace) -> tu
 # ----------------------------------------------------------------------------- modes
 
 
-def run_speed(args: argparse.Namespace) -> None:
-    """Train-step and sampling-step throughput and peak memory of the three U-Nets."""
-    device = pick_device(args.device)
-    config = PRESETS[args.config]()
-    batch = make_batch(config, args.batch, device)
+def build_contenders(config: UNetConfig) -> tuple[list[Contender], list[str]]:
+    """mini-imagen's U-Net, and each peer at the width that matches its parameter count (or why it is skipped)."""
     mini = build_mini_imagen(config)
     contenders, skipped = [mini], []
     for name, builder in BUILDERS.items():
@@ -270,14 +268,46 @@ def run_speed(args: argparse.Namespace) -> None:
             contenders.append(match_width(builder, config, mini.num_parameters))
         except (ImportError, ValueError, RuntimeError, TypeError) as error:  # a missing peer only loses its column
             skipped.append(f"{name}: {type(error).__name__}: {error}")
-    for contender in contenders:
-        contender.model.to(device).train()
+    return contenders, skipped
 
+
+def describe_machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     if sys.platform.startswith("linux"):
         with open("/proc/cpuinfo") as cpuinfo:
             cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    print(f"device {device} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if device.type == "cuda":
+        cpu = torch.cuda.get_device_name(device)
+    return f"device {device} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_table(contenders: list[Contender], train: list[float], sample: list[float],
+                memory: list[tuple[float, float] | None], batch_size: int) -> None:
+    header = (f"{'model':32s} {'params':>8s} {'train ms':>9s} {'img/s':>7s} {'sample ms':>10s} {'img/s':>7s} "
+              f"{'train MiB':>10s} {'sample MiB':>11s}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for contender, train_s, sample_s, mem in zip(contenders, train, sample, memory, strict=True):
+        train_mib, sample_mib = ("n/a", "n/a") if mem is None else (f"{mem[1]:.0f}", f"{mem[0]:.0f}")
+        print(f"{contender.name:32s} {contender.num_parameters / 1e6:7.2f}M {1e3 * train_s:9.1f} "
+              f"{batch_size / train_s:7.1f} {1e3 * sample_s:10.1f} {batch_size / sample_s:7.1f} "
+              f"{train_mib:>10s} {sample_mib:>11s}")
+    print("\nspeed-up of mini-imagen (peer time / mini-imagen time):")
+    for contender, train_s, sample_s in zip(contenders[1:], train[1:], sample[1:], strict=True):
+        size = contender.num_parameters / contenders[0].num_parameters - 1
+        matched = "" if abs(size) <= 0.1 else "  NOT matched within 10%"
+        print(f"  vs {contender.name:32s} train {train_s / train[0]:.2f}x, sampling {sample_s / sample[0]:.2f}x "
+              f"(width {contender.width}, params {size:+.1%}){matched}")
+
+
+def run_speed(args: argparse.Namespace) -> None:
+    """Train-step and sampling-step throughput and peak memory of the three U-Nets."""
+    device = pick_device(args.device)
+    config = PRESETS[args.config]()
+    batch = make_batch(config, args.batch, device)
+    contenders, skipped = build_contenders(config)
+    for contender in contenders:
+        contender.model.to(device).train()
+    print(f"{describe_machine(device)}, load average {os.getloadavg()[0]:.1f} at the start")
     print(f"batch {args.batch} x {config.in_channels}x{config.image_size}x{config.image_size}, text "
           f"{config.max_text_len}x{config.text_embed_dim}, config '{args.config}', {args.warmup} warm-up + "
           f"{args.rounds} timed rounds (median)")
@@ -287,26 +317,13 @@ def run_speed(args: argparse.Namespace) -> None:
     optimizers = {id(c): torch.optim.AdamW(c.model.parameters(), lr=1e-4) for c in contenders}
     train = race(contenders, lambda c: train_step(c, optimizers[id(c)], batch), args.warmup, args.rounds, device)
     sample = race(contenders, lambda c: sampling_step(c, batch), args.warmup, args.rounds, device)
-    memory = [probe_memory_in_child(BUILDER_KEYS[c.name], c.width, args) if device.type == "cpu"
+    load = os.getloadavg()[0]
+    memory = [probe_memory_in_child(c.key, c.width, args) if device.type == "cpu"
               else peak_memory_mib(c, batch, device) for c in contenders]
-
-    header = f"{'model':32s} {'params':>8s} {'train ms':>9s} {'img/s':>7s} {'sample ms':>10s} {'img/s':>7s} " \
-             f"{'train MiB':>10s} {'sample MiB':>11s}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for contender, train_s, sample_s, mem in zip(contenders, train, sample, memory, strict=True):
-        train_mib, sample_mib = ("n/a", "n/a") if mem is None else (f"{mem[1]:.0f}", f"{mem[0]:.0f}")
-        print(f"{contender.name:32s} {contender.num_parameters / 1e6:7.2f}M {1e3 * train_s:9.1f} "
-              f"{args.batch / train_s:7.1f} {1e3 * sample_s:10.1f} {args.batch / sample_s:7.1f} "
-              f"{train_mib:>10s} {sample_mib:>11s}")
-    print("\nspeed-up of mini-imagen (peer time / mini-imagen time):")
-    for contender, train_s, sample_s in zip(contenders[1:], train[1:], sample[1:], strict=True):
-        size = contender.num_parameters / mini.num_parameters - 1
-        print(f"  vs {contender.name:32s} train {train_s / train[0]:.2f}x, sampling {sample_s / sample[0]:.2f}x "
-              f"(width {contender.width}, params {size:+.1%})")
+    print_table(contenders, train, sample, memory, args.batch)
+    print(f"(load average {load:.1f} after timing: other work on the machine slows every contender)")
 
 
-BUILDER_KEYS = {"mini-imagen EfficientUNet": "mini-imagen", "diffusers UNet2DConditionModel": "diffusers",
-                "imagen-pytorch Unet": "imagen-pytorch"}
 MODES: dict[str, Callable[[argparse.Namespace], None]] = {"speed": run_speed}
 
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from mini_imagen.checkpoint import CheckpointError
 from mini_imagen.guidance import classifier_free_guidance
 from mini_imagen.samplers import make_sampler, run_sampler
-from mini_imagen.schedule import NoiseSchedule, diffusion_loss
+from mini_imagen.schedule import BETA_SCHEDULES, NoiseSchedule, check_prediction_type, diffusion_loss
 from mini_imagen.text import FrozenTextEncoder, TextEmbeddings, load_text_encoder
 from mini_imagen.unet import EfficientUNet, UNetConfig
 
@@ -102,6 +102,9 @@ class ImagenConfig:
             if high.image_size <= low.image_size:
                 raise ValueError(f"stage {i} ({high.image_size}px) must be larger than stage {i - 1} ({low.image_size}px)")
         for stage in self.stages:
+            check_prediction_type(stage.prediction_type)
+            if stage.beta_schedule not in BETA_SCHEDULES:
+                raise ValueError(f"unknown beta_schedule {stage.beta_schedule!r}; choose one of: {', '.join(BETA_SCHEDULES)}")
             if stage.unet.text_embed_dim <= 0 or stage.unet.max_text_len != self.max_text_len:
                 raise ValueError("every stage's unet.max_text_len must equal ImagenConfig.max_text_len")
         if not 0.0 <= self.cond_drop_prob < 1.0:

@@ -1,4 +1,4 @@
-r"""The Efficient U-Net: Imagen's text-conditioned denoiser (Saharia et al., 2022, sec. 2.5, appendix B.1).
+r"""The Efficient U-Net: Imagen's text-conditioned denoiser (Saharia et al., 2022, sec. 2.5 and appendix B.1).
 
 The network predicts the noise $\epsilon$ in a noisy image $x_t$, given the timestep $t$ and the text:
 
@@ -6,7 +6,8 @@ The network predicts the noise $\epsilon$ in a noisy image $x_t$, given the time
                       │ skip         │ skip                   │  (bottleneck: no skip)
     ε̂  ◄─ conv ◄─ UBlock 32px ◄─ UBlock 16px ◄─ UBlock 8px ◄─┘
 
-It is the DDPM U-Net (Ho et al., 2020) with Imagen's three "Efficient U-Net" changes (appendix B.1):
+It is the DDPM U-Net (Ho et al., 2020) with Imagen's three "Efficient U-Net" changes (appendix B.1,
+Figs. A.28-A.30):
 
 1. **More residual blocks at low resolution** (``num_res_blocks=(1, 2, 3)``): parameters move to the
    cheap small feature maps, away from the expensive large ones.
@@ -87,7 +88,8 @@ class UNetConfig:
         if min(self.in_channels, self.out_channels, self.text_embed_dim, self.max_text_len, self.num_heads) < 1:
             raise ValueError("in_channels, out_channels, text_embed_dim, max_text_len and num_heads must be >= 1")
         if self.base_channels < 2 or self.base_channels % 2:
-            raise ValueError(f"base_channels must be a positive even number, got {self.base_channels}")
+            raise ValueError(f"base_channels must be a positive even number (it is also the width of the "
+                             f"sine/cosine timestep embedding), got {self.base_channels}")
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by {2 ** (levels - 1)} "
@@ -111,7 +113,7 @@ class UNetConfig:
     # --- presets ---------------------------------------------------------------------------------
     @classmethod
     def tiny(cls, image_size: int = 32, lowres_cond: bool = False, **overrides: Any) -> UNetConfig:
-        """About 0.2M parameters: unit tests and CPU smoke runs. Attention at the smallest level only."""
+        """About 0.3M parameters: unit tests and CPU smoke runs. Attention at the smallest level only."""
         smallest = image_size // 4
         preset = cls(
             image_size=image_size, base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 2),
@@ -127,8 +129,8 @@ class UNetConfig:
 
     @classmethod
     def sr64(cls, **overrides: Any) -> UNetConfig:
-        """The 32 -> 64 px super-resolution model. Like Imagen's SR U-Nets it has no self-attention,
-        only text cross-attention at its smallest level (appendix B.1)."""
+        """The 32 -> 64 px super-resolution model (about 3M parameters). Like Imagen's 1024 px model
+        (sec. 2.5) it drops self-attention but keeps the text cross-attention, here at 16 px."""
         preset = cls(
             image_size=64, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=(1, 2, 3),
             attention_resolutions=(), cross_attention_resolutions=(16,), lowres_cond=True,
@@ -145,7 +147,8 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
 
 
 def zero_init(module: nn.Module) -> nn.Module:
-    """Zero a layer's weights so the residual branch it ends starts as the identity (as in ADM / imagen-pytorch)."""
+    """Zero a layer's parameters: a residual branch it ends starts as zero, so the block starts as the
+    identity; the output conv starts by predicting zero noise (as in ADM and imagen-pytorch)."""
     for parameter in module.parameters():
         nn.init.zeros_(parameter)
     return module
@@ -161,7 +164,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
 
 
 class ResBlock(nn.Module):
-    """Imagen's ResNetBlock (Fig. A.28) with FiLM conditioning: the condition $c$ scales and shifts the features."""
+    """Imagen's ResNetBlock (appendix B.1) with FiLM conditioning: the condition $c$ scales and shifts the features."""
 
     def __init__(self, channels: int, cond_dim: int, dropout: float):
         super().__init__()
@@ -247,7 +250,7 @@ class Block(nn.Module):
 
 
 class DBlock(Block):
-    """Efficient U-Net DBlock (Fig. A.29): *first* halve the image (strided conv), then run the Block small."""
+    """Efficient U-Net DBlock (appendix B.1): *first* halve the image (strided conv), then run the Block small."""
 
     def __init__(self, in_channels: int, channels: int, downsample: bool, **block: Any):
         super().__init__(channels, **block)
@@ -258,12 +261,13 @@ class DBlock(Block):
 
 
 class UBlock(Block):
-    """Efficient U-Net UBlock (Fig. A.29): add the scaled skip, run the Block, and *then* double the image."""
+    """Efficient U-Net UBlock (appendix B.1): add the scaled skip, run the Block, and *then* double the image."""
 
     def __init__(self, channels: int, out_channels: int, upsample: bool, **block: Any):
         super().__init__(channels, **block)
         # Sub-pixel up-sampling (Shi et al., 2016), as in imagen-pytorch: a 1x1 conv makes 4 x out_channels
-        # channels at the low resolution, and PixelShuffle rearranges them into a 2x larger image.
+        # channels at the low resolution, and PixelShuffle rearranges them into a 2x larger image, so every
+        # output pixel of a 2x2 patch gets its own weights and there is no checkerboard pattern.
         self.upsample = (nn.Sequential(nn.Conv2d(channels, 4 * out_channels, 1), nn.PixelShuffle(2))
                          if upsample else nn.Identity())
 

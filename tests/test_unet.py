@@ -10,6 +10,16 @@ from mini_imagen.unet import EfficientUNet, UNetConfig
 TEXT_LEN, TEXT_DIM = 8, 384
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one thread is faster than two, and on a busy machine far faster
+    (two threads that wait on each other can slow a step down tenfold)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_model(config: UNetConfig, seed: int = 0) -> EfficientUNet:
     """A U-Net whose zero-initialised layers (the last conv of every residual branch, the output conv)
     get small random weights, as after some training, so that every input can reach the output."""
@@ -26,8 +36,11 @@ def make_text(batch: int, seed: int, length: int = TEXT_LEN) -> dict:
     generator = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[:, length // 2 :] = False  # the second half is padding
-    return {"text_tokens": torch.randn(batch, length, TEXT_DIM, generator=generator), "text_mask": mask,
-                "text_pooled": torch.randn(batch, TEXT_DIM, generator=generator)}
+    return {
+        "text_tokens": torch.randn(batch, length, TEXT_DIM, generator=generator),
+        "text_mask": mask,
+        "text_pooled": torch.randn(batch, TEXT_DIM, generator=generator),
+    }
 
 
 def run(model: EfficientUNet, x: torch.Tensor, text: dict, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -54,7 +67,7 @@ def test_output_has_the_input_size_and_out_channels(config, lowres_size):
     extra = {}
     if lowres_size:
         extra = {"lowres_image": torch.randn(2, config.in_channels, lowres_size, lowres_size),
-                     "lowres_noise_level": torch.tensor([0, 250])}
+                 "lowres_noise_level": torch.tensor([0, 250])}
     out = run(model, x, make_text(2, seed=0), **extra)
     assert out.shape == (2, config.out_channels, size, size)
     assert torch.isfinite(out).all()
@@ -211,7 +224,7 @@ def test_a_tiny_unet_overfits_one_batch_with_the_epsilon_loss():
     model = EfficientUNet(UNetConfig.tiny(image_size=16))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(40):
         loss = F.mse_loss(model(x_t, t, **text), noise)  # the epsilon loss $\|\epsilon - \epsilon_\theta(x_t, t)\|^2$
         optimizer.zero_grad()
         loss.backward()

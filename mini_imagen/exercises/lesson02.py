@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -119,8 +119,7 @@ def check_ema_update(ema_update: Callable[[nn.Module, nn.Module, float], None]) 
     swapped = copy.deepcopy(before)
     update_ema(swapped, model, 1 - decay)
     if all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, swapped.parameters())):
-        return _report(False, name, "decay weighs the *old* average: theta_ema <- decay * theta_ema + (1 - decay) * theta")
+        return _report(False, name,
+                       "decay weighs the *old* average: theta_ema <- decay * theta_ema + (1 - decay) * theta")
     return _report(False, name, "values differ from decay * theta_ema + (1 - decay) * theta")
 
-
-__all__ = ["check_timestep_embedding", "check_simple_loss", "check_ema_update"]
