@@ -10,6 +10,7 @@ Which model answers:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ from torchvision.utils import make_grid, save_image
 
 from mini_imagen.imagen import Imagen
 from mini_imagen.runtime import pick_device
+from mini_imagen.safety import PromptChecker, SafetyCheckDisabledWarning, default_image_checker
 
 SHIPPED_SCENE_MODEL = Path(__file__).resolve().parent / "weights" / "scenes"
 MAX_PROMPT_CHARS = 1000
@@ -82,18 +84,32 @@ def generate_grid(
     seed: int = 0,
     device: str = "auto",
     base_only: bool = False,
+    safety: bool = True,
 ) -> Path:
-    """Sample ``num_images`` per prompt and save one row per prompt as a PNG grid."""
+    """Sample ``num_images`` per prompt and save one row per prompt as a PNG grid.
+
+    With ``safety`` (the default) prompts are checked before any compute and images after
+    (``mini_imagen.safety``); ``safety=False`` skips both and says so.
+    """
     prompts = check_prompts(prompts)
     if not 1 <= num_images <= 64:
         raise ValueError(f"--num-images must be between 1 and 64, got {num_images}")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     imagen = load_model(model, device)
+    image_checker = None
+    if safety:
+        PromptChecker(text_encoder=imagen.text_encoder).require_allowed(prompts)  # refuse before any compute
+        image_checker = default_image_checker()
+    else:
+        warnings.warn("the safety check is off: prompts and images are not checked", SafetyCheckDisabledWarning,
+                      stacklevel=2)
+        print("mini-imagen: warning: the safety check is off (--no-safety): prompts and images are not checked")
     repeated = [p for p in prompts for _ in range(num_images)]
     output = imagen.sample(
         repeated, guidance_scale=guidance_scale, steps=steps, sampler=sampler, thresholding=thresholding,
         noise_aug_level=noise_aug_level, seed=seed, stop_at_stage=0 if base_only else None, progress=True,
+        safety_checker=image_checker,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
