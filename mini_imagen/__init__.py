@@ -26,6 +26,8 @@ _LAZY = {
     "imagen": ["Imagen", "ImagenConfig", "StageConfig"],
     "checkpoint": ["CheckpointError"],
     "train": ["NonFiniteLossError", "TrainConfig", "Trainer"],
+    "safety": ["ImageSafetyChecker", "PromptChecker", "SafetyRefusal", "load_concepts", "normalize_prompt"],
+    "pipeline": ["MiniImagenPipeline", "MiniImagenUNet", "make_scheduler", "diffusers_thresholding"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
