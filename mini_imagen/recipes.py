@@ -3,7 +3,8 @@
 A recipe is what ``mini-imagen train --config ...`` runs. It is either a built-in preset
 
     cpu-tiny    about a minute on a laptop CPU (smoke tests, the demo's fallback model)
-    cpu-small   the CPU course model: about an hour on 2 cores
+    cpu-small   the CPU course model: about an hour a stage on one core
+    emoji-cpu   the same cascade trained on the emoji data set
     colab-t4    a stronger cascade for one Colab T4 GPU (about 15 minutes a stage)
 
 or a YAML / JSON file that starts from a preset and overrides fields::
@@ -28,9 +29,11 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from mini_imagen.data import SceneConfig, SceneDataset, collate_scenes
+DATASETS = ("scenes", "emoji")
+
+from mini_imagen.data import EmojiDataset, SceneConfig, SceneDataset, collate_emoji, collate_scenes
 from mini_imagen.imagen import Imagen, ImagenConfig, StageConfig
 from mini_imagen.train import TrainConfig, Trainer
 from mini_imagen.unet import UNetConfig
@@ -45,6 +48,21 @@ class TrainRecipe:
     data: SceneConfig = field(default_factory=SceneConfig)
     num_scenes: int = 20_000  # size of the training set (rendered on the fly, deterministic per index)
     stage_steps: list[int] | None = None  # per-stage training steps; None = train.steps for every stage
+    dataset: str = "scenes"  # "scenes" (procedural, ``data``) or "emoji" (Noto Color Emoji, data/emoji)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
+
+    def make_dataset(self) -> tuple[Dataset, Callable]:
+        """The training set and its collate function."""
+        if self.dataset == "emoji":
+            # Each emoji appears num_scenes // N times, each time with its own caption (name or alias, templated).
+            size = EmojiDataset(resolution=self.data.resolution, split="train")
+            repeats = max(1, self.num_scenes // len(size))
+            return (EmojiDataset(resolution=self.data.resolution, split="train", caption_mode="random_alias",
+                                 seed=self.data.seed, repeats=repeats), collate_emoji)
+        return SceneDataset(self.data, length=self.num_scenes), collate_scenes
 
     def steps_for(self, stage: int) -> int:
         return self.stage_steps[stage] if self.stage_steps else self.train.steps
@@ -77,11 +95,19 @@ def cpu_small() -> TrainRecipe:
     """
     base = StageConfig(unet=UNetConfig.base32(), prediction_type="v_prediction")
     sr = StageConfig(unet=UNetConfig.sr64())
-    train = TrainConfig(steps=4000, batch_size=32, learning_rate=1e-3, warmup_steps=200, ema_decay=0.999,
+    train = TrainConfig(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=200, ema_decay=0.999,
                         log_every=50, checkpoint_every=100)
     return TrainRecipe(model=ImagenConfig(stages=[base, sr]), train=train,
                        data=SceneConfig(resolution=64, held_out_pairs=HELD_OUT_PAIRS), num_scenes=50_000,
-                       stage_steps=[4000, 400])
+                       stage_steps=[3000, 400])
+
+
+def emoji_cpu() -> TrainRecipe:
+    """The emoji model: the cpu-small cascade trained on 1,554 emoji with their names (white background)."""
+    recipe = cpu_small()
+    recipe.dataset = "emoji"
+    recipe.num_scenes = 50_000
+    return recipe
 
 
 def colab_t4() -> TrainRecipe:
@@ -95,7 +121,9 @@ def colab_t4() -> TrainRecipe:
     return recipe
 
 
-PRESETS: dict[str, Callable[[], TrainRecipe]] = {"cpu-tiny": cpu_tiny, "cpu-small": cpu_small, "colab-t4": colab_t4}
+PRESETS: dict[str, Callable[[], TrainRecipe]] = {
+    "cpu-tiny": cpu_tiny, "cpu-small": cpu_small, "emoji-cpu": emoji_cpu, "colab-t4": colab_t4,
+}
 
 
 # ----------------------------------------------------------------------------- loading configs
@@ -125,10 +153,12 @@ def load_recipe(name_or_path: str | Path) -> tuple[TrainRecipe, str]:
         elif key in ("train", "data"):
             current = getattr(recipe, key)
             setattr(recipe, key, _replace(current, value, f"{path}: {key}"))
-        elif key in ("num_scenes", "stage_steps"):
+        elif key in ("num_scenes", "stage_steps", "dataset"):
             setattr(recipe, key, value)
         else:
-            raise ValueError(f"{path}: unknown key '{key}'; allowed: preset, model, train, data, num_scenes, stage_steps")
+            raise ValueError(f"{path}: unknown key '{key}'; allowed: preset, model, train, data, num_scenes, "
+                             "stage_steps, dataset")
+    recipe.__post_init__()  # re-check what the file changed
     return recipe, path.stem
 
 
@@ -154,7 +184,7 @@ def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | No
     else:
         imagen = Imagen(recipe.model)
     stages = list(range(len(recipe.model.stages))) if stages is None else stages
-    dataset = SceneDataset(recipe.data, length=recipe.num_scenes)
+    dataset, collate = recipe.make_dataset()
     encoder = imagen.text_encoder
 
     for index in stages:
@@ -162,7 +192,7 @@ def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | No
                                      output_dir=str(output / f"stage{index}"))
         generator = torch.Generator().manual_seed(config.seed + index)
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collate_scenes, num_workers=config.num_workers, generator=generator)
+                            collate_fn=collate, num_workers=config.num_workers, generator=generator)
 
         def loss_fn(unet: torch.nn.Module, batch: dict, index: int = index) -> torch.Tensor:
             images = batch["image"].to(next(unet.parameters()).device)

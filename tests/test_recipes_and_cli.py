@@ -84,6 +84,19 @@ def test_train_recipe_trains_every_stage_saves_and_resumes(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in after.unets[1].state_dict().items())
 
 
+def test_an_emoji_recipe_trains_on_emoji_captions(tmp_path):
+    recipe = micro_recipe(steps=(2, 1))
+    recipe.dataset = "emoji"
+    dataset, collate = recipe.make_dataset()
+    batch = collate([dataset[i] for i in range(3)])
+    assert batch["image"].shape == (3, 3, 32, 32) and all(isinstance(c, str) for c in batch["caption"])
+    assert len(dataset) >= recipe.num_scenes  # every train emoji at least once
+    out = train_recipe(recipe, tmp_path / "emoji")
+    assert json.loads((out / "recipe.json").read_text())["dataset"] == "emoji"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        recipes.TrainRecipe(dataset="faces")
+
+
 def test_generate_grid_writes_one_row_per_prompt(tmp_path):
     out = train_recipe(micro_recipe(steps=(1, 1)), tmp_path / "m")
     png = generate.generate_grid(["a red circle", "two blue squares"], model=out, out=tmp_path / "g.png",
