@@ -27,6 +27,9 @@ _LAZY = {
     "checkpoint": ["CheckpointError"],
     "train": ["NonFiniteLossError", "TrainConfig", "Trainer"],
     "safety": ["ImageSafetyChecker", "PromptChecker", "SafetyRefusal", "load_concepts", "normalize_prompt"],
+    "evaluation": ["EvaluationReport", "SceneScore", "evaluate", "find_objects", "format_report", "score_image",
+                   "score_images"],
+    "prompts": ["EvalPrompt", "load_prompts"],
     "pipeline": ["MiniImagenPipeline", "MiniImagenUNet", "make_scheduler", "diffusers_thresholding"],
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

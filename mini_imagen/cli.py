@@ -1,7 +1,8 @@
-"""The ``mini-imagen`` command line: train, generate, list presets.
+"""The ``mini-imagen`` command line: train, generate, evaluate, list presets.
 
     mini-imagen generate "a red circle above a blue square" --out grid.png
     mini-imagen train --config cpu-small --stage 0
+    mini-imagen evaluate --model runs/cpu-small --prompts eval64 --out outputs/eval64.json
     mini-imagen presets
 
 Heavy imports happen inside each command so ``mini-imagen --help`` answers at once. Every
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     gen.add_argument("--base-only", action="store_true", help="stop after the base (32 px) stage")
+    gen.add_argument("--no-safety", action="store_true",
+                     help="skip the prompt and image safety checks (prints a warning)")
 
     train = sub.add_parser("train", help="train one stage (or all) of a cascade from a config")
     train.add_argument("--config", required=True, help="a preset name (see `mini-imagen presets`) or a YAML/JSON file")
@@ -46,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
 
     sub.add_parser("presets", help="list the built-in training presets")
+
+    ev = sub.add_parser("evaluate", help="sample a prompt set and score every image (colour, count, position...)")
+    ev.add_argument("--model", default=None, help="model folder (default: the shipped scene model)")
+    ev.add_argument("--prompts", default="eval64", help="a prompt set name (e.g. eval64, heldout) or a JSON file")
+    ev.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--steps", type=int, default=25, help="sampling steps per stage")
+    ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale w")
+    ev.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++2m"])
+    ev.add_argument("--thresholding", default="dynamic", choices=["none", "static", "dynamic"])
+    ev.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    ev.add_argument("--base-only", action="store_true", help="score the base (32 px) stage's images")
+    ev.add_argument("--out", default=None, help="JSON report (default: outputs/eval_<prompt set>.json)")
     return parser
 
 
@@ -59,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "presets":
             return _presets()
+        if args.command == "evaluate":
+            return _evaluate(args)
     except KeyboardInterrupt:
         print("mini-imagen: interrupted; checkpoints written so far are intact", file=sys.stderr)
         return 130
@@ -82,7 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts=args.prompts, model=args.model, out=Path(args.out), num_images=args.num_images,
         guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler,
         thresholding=args.thresholding, noise_aug_level=args.noise_aug, seed=args.seed,
-        device=args.device, base_only=args.base_only,
+        device=args.device, base_only=args.base_only, safety=not args.no_safety,
     )
     print(f"wrote {path}")
     return 0
@@ -100,6 +119,26 @@ def _train(args: argparse.Namespace) -> int:
     stages = None if args.stage == "all" else [_stage_index(args.stage, len(recipe.model.stages))]
     path = train_recipe(recipe, output, stages=stages, resume=not args.no_resume)
     print(f"model saved to {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mini_imagen.evaluation import evaluate, format_report
+    from mini_imagen.generate import load_model
+    from mini_imagen.prompts import load_prompts
+
+    prompts, name = load_prompts(args.prompts)  # a bad file fails here, before the model loads
+    if not 1 <= args.samples <= 64:
+        raise ValueError(f"--samples must be between 1 and 64, got {args.samples}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    imagen = load_model(args.model, args.device)
+    report = evaluate(imagen, prompts, samples_per_prompt=args.samples, seed=args.seed, batch_size=args.batch_size,
+                      prompt_set=name, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                      thresholding=args.thresholding, stop_at_stage=0 if args.base_only else None)
+    print(format_report(report))
+    path = report.save(args.out or Path("outputs") / f"eval_{name}.json")
+    print(f"wrote {path}")
     return 0
 
 

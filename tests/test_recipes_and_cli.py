@@ -139,6 +139,20 @@ def test_cli_generate_and_its_errors(tmp_path):
         assert no_gpu.returncode == 2 and "no CUDA GPU" in no_gpu.stderr
 
 
+def test_generate_refuses_a_restricted_prompt_before_any_compute_and_can_be_told_not_to(tmp_path, capsys):
+    from mini_imagen import cli
+
+    model = train_recipe(micro_recipe(steps=(1, 1)), tmp_path / "m")
+    code = cli.main(["generate", "a blue square next to a g.u.n", "--model", str(model), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "restricted concept 'weapons'" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()  # nothing was generated
+    with pytest.warns(UserWarning, match="safety check is off"):
+        code = cli.main(["generate", "a red circle", "--model", str(model), "--out", str(tmp_path / "y.png"),
+                         "--num-images", "1", "--steps", "1", "--no-safety"])
+    assert code == 0 and "safety check is off" in capsys.readouterr().out
+
+
 def test_cli_presets_lists_every_preset():
     out = _cli("presets")
     assert out.returncode == 0

@@ -1,0 +1,24 @@
+"""Evaluation that works offline: the scene scorer (``scorer``) and prompt-set evaluation (``evaluate``).
+
+    from mini_imagen.evaluation import evaluate, format_report, score_image
+    score_image(image, "a red circle above a blue square").faithful
+    print(format_report(evaluate(imagen, "eval64", samples_per_prompt=2, steps=50)))
+"""
+
+# Imported eagerly on purpose: the function ``evaluate`` must win over the submodule of the same name.
+from mini_imagen.evaluation.evaluate import EvaluationReport, evaluate, evaluate_images, format_report, summarise
+from mini_imagen.evaluation.scorer import (
+    CATEGORIES,
+    DetectedObject,
+    SceneScore,
+    category_accuracy,
+    check_claims,
+    find_objects,
+    score_image,
+    score_images,
+)
+
+__all__ = [
+    "CATEGORIES", "DetectedObject", "EvaluationReport", "SceneScore", "category_accuracy", "check_claims",
+    "evaluate", "evaluate_images", "find_objects", "format_report", "score_image", "score_images", "summarise",
+]
