@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/unet_speed.py                # the 32 px base U-Net, batch 16, 2 threads
     .venv/bin/python benchmarks/unet_speed.py --batch 32 --threads 4 --rounds 20
+    .venv/bin/python benchmarks/unet_speed.py --mode quality --budget 600   # equal training time, then score
 
 Contenders, all text-conditioned noise predictors of (nearly) the same size:
 
@@ -324,7 +325,113 @@ def run_speed(args: argparse.Namespace) -> None:
     print(f"(load average {load:.1f} after timing: other work on the machine slows every contender)")
 
 
-MODES: dict[str, Callable[[argparse.Namespace], None]] = {"speed": run_speed}
+def scene_batches(config: UNetConfig, batch_size: int, seed: int = 0):
+    """Endless (images, captions) batches of training scenes (held-out pairs excluded), the same for everyone."""
+    from torch.utils.data import DataLoader
+
+    from mini_imagen.data import SceneConfig, SceneDataset, collate_scenes
+    from mini_imagen.recipes import HELD_OUT_PAIRS
+
+    data = SceneDataset(SceneConfig(resolution=config.image_size, held_out_pairs=HELD_OUT_PAIRS, seed=seed), 50_000)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_scenes,
+                        generator=torch.Generator().manual_seed(seed))
+    while True:
+        for batch in loader:
+            yield batch["image"], batch["caption"]
+
+
+def noisy_batch(images: Tensor, captions: list[str], encoder, schedule, generator: torch.Generator,
+                device: torch.device) -> Batch:
+    """$x_t = \\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1 - \\bar\\alpha_t} \\epsilon$ with the text of each caption."""
+    t = torch.randint(0, schedule.num_train_timesteps, (len(images),), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    text = encoder.encode(captions)
+    return Batch(schedule.add_noise(images, noise, t).float().to(device), t.to(device), noise.to(device),
+                 text.tokens.to(device), text.mask.to(device), text.pooled.to(device))
+
+
+@torch.no_grad()
+def sample_contender(contender: Contender, captions: list[str], size: int, encoder, schedule, steps: int,
+                     seed: int, device: torch.device) -> Tensor:
+    """DDPM ancestral sampling (no guidance: the peers have no null-text path), the package's own sampler."""
+    from mini_imagen.samplers import make_sampler, run_sampler
+
+    text = encoder.encode(captions)
+    generator = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(len(captions), 3, size, size, generator=generator)
+
+    def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        t = t.reshape(-1)[:1].expand(len(x_t)) if t.numel() != len(x_t) else t
+        batch = Batch(x_t.float().to(device), t.to(device), x_t, text.tokens.to(device), text.mask.to(device),
+                      text.pooled.to(device))
+        return contender.denoise(batch).to(x_t.dtype).cpu()
+
+    sampler = make_sampler("ddpm", schedule, thresholding="static")
+    return run_sampler(model_fn, sampler, x_T, steps, generator=generator).clamp(-1, 1)
+
+
+def run_quality(args: argparse.Namespace) -> None:
+    """Train each U-Net for the same wall-clock budget on the scenes, then score its samples (scene scorer)."""
+    from mini_imagen.evaluation import evaluate_images, format_report
+    from mini_imagen.prompts import load_prompts
+    from mini_imagen.schedule import NoiseSchedule
+    from mini_imagen.text import load_text_encoder
+
+    device = pick_device(args.device)
+    config = PRESETS[args.config]()
+    contenders, skipped = build_contenders(config)
+    encoder = load_text_encoder(max_length=config.max_text_len)
+    schedule = NoiseSchedule(1000, beta_schedule="cosine")
+    prompts, set_name = load_prompts(args.prompts)
+    print(f"{describe_machine(device)}, load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"each model trains for {args.budget:.0f} s of its own train steps (batch {args.batch}, AdamW lr "
+          f"{args.lr}, epsilon loss, cosine schedule), then draws {args.samples} samples for each of the "
+          f"{len(prompts)} prompts of '{set_name}' with {args.sample_steps} DDPM steps")
+    for reason in skipped:
+        print(f"skipped {reason}")
+    rows = []
+    for contender in contenders:
+        model = contender.model.to(device).train()
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        batches, generator = scene_batches(config, args.batch), torch.Generator().manual_seed(0)
+        spent, steps, losses = 0.0, 0, []
+        while spent < args.budget:
+            batch = noisy_batch(*next(batches), encoder, schedule, generator, device)  # data time is not counted
+            sync(device)
+            start = time.perf_counter()
+            loss = F.mse_loss(contender.denoise(batch), batch.noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sync(device)
+            spent += time.perf_counter() - start
+            steps, losses = steps + 1, losses + [loss.item()]
+        model.eval()
+        captions = [p.prompt for p in prompts for _ in range(args.samples)]
+        images = sample_contender(contender, captions, config.image_size, encoder, schedule, args.sample_steps,
+                                  seed=1, device=device)
+        report = evaluate_images(images, [p for p in prompts for _ in range(args.samples)], prompt_set=set_name,
+                                 samples_per_prompt=args.samples)
+        tail = statistics.mean(losses[-20:])
+        rows.append((contender, steps, tail, report))
+        print(f"\n{contender.name}: {steps} steps in {spent:.0f} s, final loss {tail:.4f}")
+        print(format_report(report))
+    print(f"\n{'model':32s} {'params':>8s} {'steps':>6s} {'loss':>7s} {'faithful':>9s} {'colour':>7s} {'shape':>6s}"
+          f" {'count':>6s} {'black bg':>9s}")
+    for contender, steps, tail, report in rows:
+        cat = report.overall
+        print(f"{contender.name:32s} {contender.num_parameters / 1e6:7.2f}M {steps:6d} {tail:7.4f} "
+              + " ".join(f"{_pct(cat.get(k)):>{w}s}" for k, w in
+                         (("faithful", 9), ("colour", 7), ("shape", 6), ("count", 6), ("background", 9))))
+    print(f"(load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+MODES: dict[str, Callable[[argparse.Namespace], None]] = {"speed": run_speed, "quality": run_quality}
 
 
 def probe_memory(args: argparse.Namespace) -> None:
@@ -345,6 +452,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--budget", type=float, default=600, help="quality mode: seconds of training per model")
+    parser.add_argument("--lr", type=float, default=1e-3, help="quality mode: AdamW learning rate")
+    parser.add_argument("--prompts", default="eval64", help="quality mode: prompt set to score")
+    parser.add_argument("--samples", type=int, default=2, help="quality mode: samples per prompt")
+    parser.add_argument("--sample-steps", type=int, default=100, help="quality mode: DDPM sampling steps")
     parser.add_argument("--probe-memory", help=argparse.SUPPRESS)  # internal: NAME:WIDTH, run in a child
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
