@@ -119,7 +119,7 @@ def _tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[Tens
     """Token ids (B, L) padded (on the right) to ``max_length``, and the bool mask; warn about cut prompts."""
     for ids in tokenizer(prompts)["input_ids"]:
         if len(ids) > max_length:
-            kept = tokenizer.decode(ids[:max_length], skip_special_tokens=True)
+            kept = tokenizer.decode(ids[:max_length - 1], skip_special_tokens=True)  # the last slot is [SEP]
             warnings.warn(f"prompt has {len(ids)} tokens, more than max_length={max_length}; the encoder only "
                           f"reads {kept!r} (raise max_length or shorten the prompt)", PromptTruncatedWarning)
     batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
