@@ -28,7 +28,7 @@ _LAZY = {
     "train": ["NonFiniteLossError", "TrainConfig", "Trainer"],
     "safety": ["ImageSafetyChecker", "PromptChecker", "SafetyRefusal", "load_concepts", "normalize_prompt"],
     "evaluation": ["EvaluationReport", "SceneScore", "evaluate", "find_objects", "format_report", "score_image",
-                   "score_images"],
+                   "score_images", "domain_fid", "domain_kid", "load_mini_clip"],
     "prompts": ["EvalPrompt", "load_prompts"],
     "pipeline": ["MiniImagenPipeline", "MiniImagenUNet", "make_scheduler", "diffusers_thresholding"],
 }
