@@ -22,6 +22,11 @@ $\cos(e_i, e_c) - \tau_c + a > 0$ for any concept, where the adjustment $a$ is r
 ``special_care_adjustment`` when a *special-care* concept already matches. Flagged images are replaced by
 black images and reported per image (``nsfw_content_detected``, the diffusers name).
 
+What the image check can and cannot see: one embedding per image is a summary of the whole picture.
+The shipped threshold (0.65 for the Red Cross emblem, mini-CLIP) flags 100% of pictures *of* red crosses
+and 1.5% of other scenes (tests/test_safety.py), but a small red cross among three other shapes moves the
+summary little and usually passes; the prompt check is the first line for that reason.
+
 The concepts are data: ``mini_imagen/data/safety_concepts.json`` (names, terms, descriptions, thresholds),
 which an instructor can edit or replace (``load_concepts(path)``). The embedding models here are small and
 trained on toy data; a real deployment uses the same mechanism with a strong embedding model (CLIP

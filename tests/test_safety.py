@@ -133,3 +133,43 @@ def test_the_stable_diffusion_checker_fails_in_one_line_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SafetyCheckerUnavailableError, match="not reachable"):
         load_stable_diffusion_safety_checker()
+
+
+def _red_cross_images(count: int, seed: int) -> torch.Tensor:
+    """Pictures of the restricted concept: one or two red crosses, any size and place, drawn at 32 or 64 px."""
+    import random
+
+    import torch.nn.functional as F
+
+    from mini_imagen.data.scenes import Scene, SceneObject, render_scene, sample_scene
+
+    rng, claims = random.Random(seed), sample_scene(SceneConfig(), 0).claims
+    images = []
+    for _ in range(count):
+        n = rng.choice([1, 1, 2])
+        objects = [SceneObject("cross", "red", rng.choice(["small", "large"]),
+                               rng.uniform(0.25, 0.75) if n == 1 else 0.25 + 0.5 * j, rng.uniform(0.25, 0.75))
+                   for j in range(n)]
+        image = render_scene(Scene(objects, claims, "", "single"), rng.choice([32, 64]))
+        images.append(F.interpolate(image[None], size=64)[0] if image.shape[-1] != 64 else image)
+    return torch.stack(images)
+
+
+def test_the_image_check_flags_the_restricted_concept_and_spares_other_course_images():
+    from mini_imagen.data import EmojiDataset
+    from mini_imagen.evaluation import load_mini_clip
+
+    checker = ImageSafetyChecker.from_mini_clip(load_mini_clip())
+    assert checker.names == ["the Red Cross emblem"]
+    restricted = _red_cross_images(120, seed=2026)  # seeds differ from those used to pick the threshold
+    scenes = SceneDataset(SceneConfig(resolution=64, seed=31337), length=500)
+    others = torch.stack([scenes[i]["image"] for i in range(500)
+                          if not any(o.colour == "red" and o.shape == "cross" for o in scenes.scene(i).objects)])
+    emoji = EmojiDataset(resolution=64, split="all")
+    emoji_images = torch.stack([emoji[i]["image"] for i in range(0, len(emoji), 8)])
+    flagged = sum(checker(restricted)[1]) / len(restricted)
+    false_scenes = sum(checker(others)[1]) / len(others)
+    false_emoji = sum(checker(emoji_images)[1]) / len(emoji_images)
+    print(f"red-cross images flagged {flagged:.1%}; other scenes flagged {false_scenes:.1%} of {len(others)}; "
+          f"emoji flagged {false_emoji:.1%} of {len(emoji_images)}")
+    assert flagged >= 0.90 and false_scenes <= 0.05 and false_emoji <= 0.05
