@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="model folder (default: the shipped scene model)")
     gen.add_argument("--out", default="outputs/grid.png", help="where to write the PNG grid")
     gen.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
-    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w (default 3)")
+    gen.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
     gen.add_argument("--steps", type=int, default=25, help="sampling steps per stage")
     gen.add_argument("--sampler", default="dpm++2m", choices=["ddpm", "ddim", "dpm++2m"],
                      help="default dpm++2m: the cleanest of the three at 25 steps for the shipped model")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--steps", type=int, default=25, help="sampling steps per stage")
-    ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w (default 3)")
+    ev.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
     ev.add_argument("--sampler", default="dpm++2m", choices=["ddpm", "ddim", "dpm++2m"])
     ev.add_argument("--thresholding", default="dynamic", choices=["none", "static", "dynamic"])
     ev.add_argument("--batch-size", type=int, default=32, help="images sampled at once")

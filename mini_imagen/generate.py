@@ -76,7 +76,7 @@ def generate_grid(
     model: str | Path | None = None,
     out: Path = Path("outputs/grid.png"),
     num_images: int = 4,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 2.0,
     steps: int = 25,
     sampler: str = "dpm++2m",
     thresholding: str = "dynamic",
