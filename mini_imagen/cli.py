@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=25, help="sampling steps per stage")
     gen.add_argument("--sampler", default="dpm++2m", choices=["ddpm", "ddim", "dpm++2m"],
                      help="default dpm++2m: the cleanest of the three at 25 steps for the shipped model")
-    gen.add_argument("--thresholding", default="dynamic", choices=["none", "static", "dynamic"])
+    gen.add_argument("--thresholding", default="static", choices=["none", "static", "dynamic"])
     gen.add_argument("--noise-aug", type=float, default=0.1, help="noise-conditioning augmentation level for SR stages")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=25, help="sampling steps per stage")
     ev.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
     ev.add_argument("--sampler", default="dpm++2m", choices=["ddpm", "ddim", "dpm++2m"])
-    ev.add_argument("--thresholding", default="dynamic", choices=["none", "static", "dynamic"])
+    ev.add_argument("--thresholding", default="static", choices=["none", "static", "dynamic"])
     ev.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     ev.add_argument("--base-only", action="store_true", help="score the base (32 px) stage's images")

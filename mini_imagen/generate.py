@@ -79,7 +79,7 @@ def generate_grid(
     guidance_scale: float = 2.0,
     steps: int = 25,
     sampler: str = "dpm++2m",
-    thresholding: str = "dynamic",
+    thresholding: str = "static",
     noise_aug_level: float = 0.1,
     seed: int = 0,
     device: str = "auto",

@@ -1,0 +1,45 @@
+"""The weights that ship inside the package: intact, loadable offline, and far better than an untrained model."""
+
+import hashlib
+
+import torch
+
+from mini_imagen.evaluation import score_images
+from mini_imagen.generate import SHIPPED_SCENE_MODEL, default_model_dir
+from mini_imagen.imagen import Imagen
+from mini_imagen.text import load_text_encoder
+
+SCENE_MODEL_SHA256 = "38f05334881c8b353c7177f49aea955214cdd7274498117cf0237db1e320231d"
+PROMPTS = ["a green star", "a blue square", "two white circles", "a purple triangle", "a yellow circle",
+           "a red circle", "an orange diamond", "a cyan circle"]
+
+
+def test_the_scene_model_is_the_one_its_card_describes():
+    digest = hashlib.sha256((SHIPPED_SCENE_MODEL / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == SCENE_MODEL_SHA256, "the shipped weights changed: update the model card and this hash"
+    assert default_model_dir() == SHIPPED_SCENE_MODEL  # the demo uses it, nothing is trained on first use
+    model = Imagen.from_pretrained(SHIPPED_SCENE_MODEL, text_encoder=load_text_encoder())
+    assert [s.image_size for s in model.config.stages] == [32, 64]
+    assert [s.prediction_type for s in model.config.stages] == ["v_prediction", "epsilon"]
+    assert (SHIPPED_SCENE_MODEL / "README.md").is_file()
+
+
+def test_the_scene_model_draws_what_it_is_asked_far_better_than_an_untrained_one():
+    encoder = load_text_encoder()
+    trained = Imagen.from_pretrained(SHIPPED_SCENE_MODEL, text_encoder=encoder)
+    torch.manual_seed(0)
+    untrained = Imagen(trained.config, text_encoder=encoder)
+    settings = dict(guidance_scale=2.0, steps=15, sampler="dpm++2m", thresholding="static", seed=0, stop_at_stage=0)
+    scores = {name: score_images(model.sample(PROMPTS, **settings).images, PROMPTS)
+              for name, model in (("trained", trained), ("untrained", untrained))}
+    colour = {name: sum(bool(s.colour) for s in rows) / len(rows) for name, rows in scores.items()}
+    faithful = {name: sum(s.faithful for s in rows) / len(rows) for name, rows in scores.items()}
+    print(f"colour right: {colour}; faithful: {faithful}")
+    assert colour["trained"] >= 0.5 and colour["untrained"] == 0.0
+    assert faithful["trained"] >= 0.25 > faithful["untrained"]
+
+
+def test_a_full_cascade_image_on_the_cpu():
+    model = Imagen.from_pretrained(SHIPPED_SCENE_MODEL, text_encoder=load_text_encoder())
+    image = model.sample(["a green star"], steps=3, seed=0).images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
