@@ -18,10 +18,9 @@ from torchvision.utils import make_grid, save_image
 
 from mini_imagen.imagen import Imagen
 from mini_imagen.runtime import pick_device
-from mini_imagen.safety import PromptChecker, SafetyCheckDisabledWarning, default_image_checker
+from mini_imagen.safety import MAX_PROMPT_CHARS, PromptChecker, SafetyCheckDisabledWarning, default_image_checker
 
 SHIPPED_SCENE_MODEL = Path(__file__).resolve().parent / "weights" / "scenes"
-MAX_PROMPT_CHARS = 1000
 
 
 def cache_dir() -> Path:

@@ -277,27 +277,9 @@ class Imagen(nn.Module):
         lowres_image: Tensor | None, lowres_level: Tensor | None,
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """Wrap a U-Net as ``model_fn(x_t, t)`` with classifier-free guidance in one batched call."""
-        batch = text.pooled.shape[0]
 
         def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            if t.ndim == 0 or t.shape[0] != batch:  # one shared timestep -> one per sample
-                t = t.reshape(-1)[:1].expand(batch)
-            if guidance_scale == 1.0:  # plain conditional prediction, half the compute
-                return unet(x_t, t, text.tokens, text.mask, text.pooled,
-                            lowres_image=lowres_image, lowres_noise_level=lowres_level)
-            # Conditional and unconditional passes share one batch of 2B.
-            drop_text = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)])
-            out = unet(
-                torch.cat([x_t, x_t]), torch.cat([t, t]),
-                torch.cat([text.tokens, text.tokens]), torch.cat([text.mask, text.mask]),
-                torch.cat([text.pooled, text.pooled]),
-                lowres_image=None if lowres_image is None else torch.cat([lowres_image, lowres_image]),
-                lowres_noise_level=None if lowres_level is None else torch.cat([lowres_level, lowres_level]),
-                drop_text=drop_text.to(x_t.device),
-            )
-            cond, uncond = out.chunk(2)
-            # $\tilde\epsilon = \epsilon(z, \emptyset) + w\,(\epsilon(z, c) - \epsilon(z, \emptyset))$
-            return classifier_free_guidance(cond, uncond, guidance_scale)
+            return guided_prediction(unet, x_t, t, text, guidance_scale, lowres_image, lowres_level)
 
         return model_fn
 
@@ -351,6 +333,30 @@ class Imagen(nn.Module):
 
 
 # ----------------------------------------------------------------------------- helpers
+def guided_prediction(
+    unet: nn.Module, x_t: Tensor, t: Tensor, text: TextEmbeddings, guidance_scale: float,
+    lowres_image: Tensor | None = None, lowres_level: Tensor | None = None,
+) -> Tensor:
+    """The U-Net's output with classifier-free guidance, the conditional and unconditional passes in one batch."""
+    batch = text.pooled.shape[0]
+    if t.ndim == 0 or t.shape[0] != batch:  # one shared timestep -> one per sample
+        t = t.reshape(-1)[:1].expand(batch)
+    if guidance_scale == 1.0:  # plain conditional prediction, half the compute
+        return unet(x_t, t, text.tokens, text.mask, text.pooled,
+                    lowres_image=lowres_image, lowres_noise_level=lowres_level)
+
+    def twice(x: Tensor | None) -> Tensor | None:
+        return None if x is None else torch.cat([x, x])
+
+    drop_text = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)])
+    out = unet(twice(x_t), twice(t), twice(text.tokens), twice(text.mask), twice(text.pooled),
+               lowres_image=twice(lowres_image), lowres_noise_level=twice(lowres_level),
+               drop_text=drop_text.to(x_t.device))  # rows B..2B see the learned null text
+    cond, uncond = out.chunk(2)
+    # $\tilde\epsilon = \epsilon(z, \emptyset) + w\,(\epsilon(z, c) - \epsilon(z, \emptyset))$
+    return classifier_free_guidance(cond, uncond, guidance_scale)
+
+
 def resize_images(images: Tensor, size: int) -> Tensor:
     """Resize a batch to ``size``×``size``: antialiased area-style down, bilinear up."""
     if images.shape[-1] == size and images.shape[-2] == size:

@@ -66,8 +66,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from mini_imagen.guidance import check_thresholding_mode, classifier_free_guidance
-from mini_imagen.imagen import CONFIG_NAME, WEIGHTS_NAME, Imagen, resize_images
+from mini_imagen.guidance import check_thresholding_mode
+from mini_imagen.imagen import CONFIG_NAME, WEIGHTS_NAME, Imagen, guided_prediction, resize_images
 from mini_imagen.samplers import SAMPLERS
 from mini_imagen.schedule import NoiseSchedule
 from mini_imagen.text import DEFAULT_TEXT_ENCODER, FrozenTextEncoder, TextEmbeddings, load_text_encoder
@@ -289,23 +289,8 @@ class MiniImagenPipeline(DiffusionPipeline):
 
     def guided_prediction(self, unet: MiniImagenUNet, x_t: Tensor, t: Tensor, text: TextEmbeddings,
                           guidance_scale: float, lowres_image: Tensor | None, lowres_level: Tensor | None) -> Tensor:
-        """The U-Net's output with classifier-free guidance, both passes in one batch (as ``Imagen``)."""
-        batch = x_t.shape[0]
-        t = t.reshape(-1)[:1].expand(batch)  # one timestep per sample
-        if guidance_scale == 1.0:  # plain conditional prediction, half the compute
-            return unet(x_t, t, text.tokens, text.mask, text.pooled,
-                        lowres_image=lowres_image, lowres_noise_level=lowres_level)
-
-        def twice(x: Tensor | None) -> Tensor | None:
-            return None if x is None else torch.cat([x, x])
-
-        drop_text = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)])
-        out = unet(twice(x_t), twice(t), twice(text.tokens), twice(text.mask), twice(text.pooled),
-                   lowres_image=twice(lowres_image), lowres_noise_level=twice(lowres_level),
-                   drop_text=drop_text.to(x_t.device))  # rows B..2B see the learned null text
-        cond, uncond = out.chunk(2)
-        # $\tilde\epsilon = \epsilon(z, \emptyset) + w\,(\epsilon(z, c) - \epsilon(z, \emptyset))$
-        return classifier_free_guidance(cond, uncond, guidance_scale)
+        """The U-Net's output with classifier-free guidance, both passes in one batch (``imagen.guided_prediction``)."""
+        return guided_prediction(unet, x_t, t, text, guidance_scale, lowres_image, lowres_level)
 
     def denoise(self, unet: MiniImagenUNet, scheduler: SchedulerMixin, text: TextEmbeddings,
                 num_inference_steps: int, guidance_scale: float, generator: torch.Generator | list | None,

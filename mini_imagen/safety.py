@@ -36,6 +36,7 @@ ViT-L/14 in Stable Diffusion's checker) and a carefully evaluated concept list.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 import re
 import unicodedata
 import warnings
@@ -172,12 +173,17 @@ def _word_matches(word: str, term: str) -> bool:
     return len(term) == 5 and _swapped_once(word, term)  # 5 letters: only swaps ("blond" is not "blood")
 
 
+@lru_cache(maxsize=1024)
+def _term_words(term: str) -> tuple[str, ...]:
+    return tuple(normalize_prompt(term).split())
+
+
 def find_term(normalized: str, terms: Sequence[str]) -> str | None:
     """The first restricted term found in a normalised prompt (multi-word terms match as a phrase)."""
     words = normalized.split()
     compact = "".join(words)
     for term in terms:
-        parts = normalize_prompt(term).split()
+        parts = _term_words(term)
         for start in range(len(words) - len(parts) + 1):
             if all(_word_matches(w, p) for w, p in zip(words[start:start + len(parts)], parts)):
                 return term
