@@ -10,7 +10,6 @@ Which model answers:
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from mini_imagen.imagen import Imagen
 from mini_imagen.runtime import pick_device
-from mini_imagen.safety import MAX_PROMPT_CHARS, PromptChecker, SafetyCheckDisabledWarning, default_image_checker
+from mini_imagen.safety import MAX_PROMPT_CHARS
 
 SHIPPED_SCENE_MODEL = Path(__file__).resolve().parent / "weights" / "scenes"
 
@@ -96,19 +95,14 @@ def generate_grid(
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     imagen = load_model(model, device)
-    image_checker = None
-    if safety:
-        PromptChecker(text_encoder=imagen.text_encoder).require_allowed(prompts)  # refuse before any compute
-        image_checker = default_image_checker()
-    else:
-        warnings.warn("the safety check is off: prompts and images are not checked", SafetyCheckDisabledWarning,
-                      stacklevel=2)
+    if not safety:
         print("mini-imagen: warning: the safety check is off (--no-safety): prompts and images are not checked")
     repeated = [p for p in prompts for _ in range(num_images)]
+    # Imagen.sample checks the prompts before any compute and the images after (unless safety=False).
     output = imagen.sample(
         repeated, guidance_scale=guidance_scale, steps=steps, sampler=sampler, thresholding=thresholding,
         noise_aug_level=noise_aug_level, seed=seed, stop_at_stage=0 if base_only else None, progress=True,
-        safety_checker=image_checker,
+        safety=safety,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from mini_imagen.checkpoint import CheckpointError
 from mini_imagen.guidance import classifier_free_guidance
+from mini_imagen.safety import SafetyChecks, warn_safety_off
 from mini_imagen.samplers import make_sampler, run_sampler
 from mini_imagen.schedule import BETA_SCHEDULES, NoiseSchedule, check_prediction_type, diffusion_loss
 from mini_imagen.text import FrozenTextEncoder, TextEmbeddings, load_text_encoder
@@ -58,6 +59,10 @@ class StageConfig:
     # Noise-conditioning augmentation (super-resolution stages only): during training the
     # low-res image is noised to a level drawn uniformly from [0, noise_aug_max] (a fraction of T).
     noise_aug_max: float = 0.5
+    # Super-resolution stages may train on random crops (Imagen appendix: its 1024 px model trains
+    # on 256 px crops). A convolutional U-Net without self-attention works at any size, so a
+    # 32 px crop of a 64 px stage costs a quarter of the compute per sample. None = whole images.
+    train_crop_size: int | None = None
 
     @property
     def image_size(self) -> int:
@@ -103,6 +108,15 @@ class ImagenConfig:
                 raise ValueError(f"stage {i} ({high.image_size}px) must be larger than stage {i - 1} ({low.image_size}px)")
         for stage in self.stages:
             check_prediction_type(stage.prediction_type)
+            crop = stage.train_crop_size
+            if crop is not None:
+                factor = 2 ** (len(stage.unet.channel_mults) - 1)
+                if not stage.is_super_resolution or stage.unet.attention_resolutions:
+                    raise ValueError("train_crop_size is for super-resolution stages without self-attention "
+                                     "(a crop of a base image no longer matches its caption); set it to None")
+                if not 0 < crop <= stage.image_size or crop % factor:
+                    raise ValueError(f"train_crop_size {crop} must be in (0, {stage.image_size}] and a multiple "
+                                     f"of {factor} (the U-Net halves the size {factor // 2 or 1} time(s))")
             if stage.beta_schedule not in BETA_SCHEDULES:
                 raise ValueError(f"unknown beta_schedule {stage.beta_schedule!r}; choose one of: {', '.join(BETA_SCHEDULES)}")
             if stage.unet.text_embed_dim <= 0 or stage.unet.max_text_len != self.max_text_len:
@@ -145,6 +159,7 @@ class Imagen(nn.Module):
         ]
         # The text encoder is frozen and *not* a submodule: it is never saved with the model.
         self._text_encoder = text_encoder
+        self._safety_checks: SafetyChecks | None = None  # built on the first sample() that needs them
 
     # --- text ------------------------------------------------------------------------------
     @property
@@ -188,6 +203,8 @@ class Imagen(nn.Module):
             previous_size = self.config.stages[stage_index - 1].image_size
             # The low-res condition is what the previous stage would produce: shrink, then upsample back.
             lowres_clean = resize_images(resize_images(images, previous_size), stage.image_size)
+            if stage.train_crop_size is not None and stage.train_crop_size < stage.image_size:
+                x0, lowres_clean = random_crops(x0, lowres_clean, stage.train_crop_size, generator)
             # Noise-conditioning augmentation: a random level in [0, noise_aug_max * T).
             max_level = max(1, int(stage.noise_aug_max * stage.num_train_timesteps))
             lowres_noise_level = torch.randint(0, max_level, (batch,), device=device, generator=generator)
@@ -219,6 +236,7 @@ class Imagen(nn.Module):
         noise_aug_level: float = 0.2,
         seed: int | None = 0,
         stop_at_stage: int | None = None,
+        safety: bool = True,
         safety_checker: Callable[[Tensor], Any] | None = None,
         progress: bool = False,
     ) -> ImagenOutput:
@@ -227,10 +245,24 @@ class Imagen(nn.Module):
         ``guidance_scale`` and ``steps`` take one value for all stages or one per stage.
         ``noise_aug_level`` (a fraction of T) is how much the previous stage's image is noised
         before a super-resolution stage sees it (Imagen sec. 2.4); 0 disables the augmentation.
+
+        ``safety`` (on by default, ``mini_imagen.safety``): prompts are checked before any compute
+        (a refused one raises ``SafetyRefusal``) and images after; flagged images come back black and
+        ``nsfw_content_detected`` says which. ``safety_checker`` replaces the image check (e.g.
+        ``load_stable_diffusion_safety_checker()``). ``safety=False`` skips both, with a warning:
+        right for measuring a model (lessons, ``evaluate``), not for serving one.
         """
         if text is None:
             if not prompts:
                 raise ValueError("sample() needs prompts (a non-empty list of strings) or precomputed text embeddings")
+        if safety:
+            if self._safety_checks is None:
+                self._safety_checks = SafetyChecks(text_encoder=self.text_encoder)
+            if prompts:  # precomputed embeddings carry no words to check; the image check still runs
+                self._safety_checks.check_prompts(prompts)
+        else:
+            warn_safety_off("sample(safety=False)", stacklevel=4)  # 4: past no_grad's wrapper
+        if text is None:
             text = self.encode_text(prompts)
         text = text.to(self.device)
         batch = text.pooled.shape[0]
@@ -268,8 +300,9 @@ class Imagen(nn.Module):
             stage_images.append(previous)
 
         output = ImagenOutput(images=stage_images[-1], stage_images=stage_images)
-        if safety_checker is not None:
-            output.images, output.nsfw_content_detected = safety_checker(output.images)
+        if safety:
+            check = safety_checker or self._safety_checks.check_images
+            output.images, output.nsfw_content_detected = check(output.images)
         return output
 
     def _guided_model_fn(
@@ -363,6 +396,17 @@ def resize_images(images: Tensor, size: int) -> Tensor:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=images.shape[-1] > size,
                          align_corners=False)
+
+
+def random_crops(images: Tensor, lowres: Tensor, size: int, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """The same random ``size``×``size`` window of each image and of its low-res condition."""
+    batch, _, height, width = images.shape
+    device = generator.device if generator is not None else "cpu"
+    top = torch.randint(0, height - size + 1, (batch,), generator=generator, device=device).tolist()
+    left = torch.randint(0, width - size + 1, (batch,), generator=generator, device=device).tolist()
+    crop = lambda x: torch.stack([x[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(top, left))])
+    return crop(images), crop(lowres)
 
 
 def _per_stage(value: float | int | Sequence, num_stages: int, name: str) -> list:

@@ -10,7 +10,8 @@ cut into named, swappable **components** plus one ``__call__`` that runs the sam
     Imagen.unets[1]                           pipe.super_res_unet       MiniImagenUNet
     make_sampler("ddim", schedules[1])        pipe.super_res_scheduler
     schedules[1].add_noise (noise-cond. aug)  pipe.image_noising_scheduler  DDPMScheduler, as DeepFloyd IF
-    sample(safety_checker=...)                pipe.safety_checker       any ``images -> (images, flags)``
+    sample(safety=True): prompt check         pipe(...) checks prompts  while config.requires_safety_checker
+    sample(safety=True): image check          pipe.safety_checker       any ``images -> (images, flags)``
     Imagen.text_encoder                       pipe.text_encoder         *not* a component (see below)
     thresholding="dynamic", p=0.995           scheduler.config: thresholding=True,
                                               dynamic_thresholding_ratio=0.995, sample_max_value=inf
@@ -50,7 +51,9 @@ in float32, we keep float64; run both in float64 and they agree to 1e-10).
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -68,6 +71,7 @@ from torch import Tensor
 
 from mini_imagen.guidance import check_thresholding_mode
 from mini_imagen.imagen import CONFIG_NAME, WEIGHTS_NAME, Imagen, guided_prediction, resize_images
+from mini_imagen.safety import PromptChecker, SafetyCheckDisabledWarning, default_image_checker, warn_safety_off
 from mini_imagen.samplers import SAMPLERS
 from mini_imagen.schedule import NoiseSchedule
 from mini_imagen.text import DEFAULT_TEXT_ENCODER, FrozenTextEncoder, TextEmbeddings, load_text_encoder
@@ -183,9 +187,14 @@ class MiniImagenPipeline(DiffusionPipeline):
     classifier-free guidance and takes ``scheduler.step``. The super-resolution stage first noises
     the upsampled base image to ``noise_aug_level`` (noise-conditioning augmentation, Imagen sec. 2.4).
 
+    **Safety** is on by default, as in ``Imagen.sample`` and Stable Diffusion's pipelines: while
+    ``config.requires_safety_checker`` is True every prompt is checked before any compute
+    (``safety.PromptChecker``; a refused one raises ``SafetyRefusal``) and the images by
     ``safety_checker``: any callable ``images -> (images, nsfw_content_detected)`` on (B, 3, H, W)
-    tensors in [-1, 1] (e.g. ``safety.ImageSafetyChecker``); it is saved only if it is a diffusers
-    or transformers model, otherwise ``save_pretrained`` warns and records it as absent.
+    tensors in [-1, 1]. ``from_imagen`` and ``from_pretrained`` load the course's
+    ``safety.ImageSafetyChecker`` unless given ``safety_checker=`` (another checker, or None). A plain
+    function is not saved (``save_pretrained`` records it as absent) and is loaded again on
+    ``from_pretrained``. ``requires_safety_checker=False`` turns both checks off, with a warning.
     """
 
     model_cpu_offload_seq = "unet->super_res_unet"
@@ -198,9 +207,10 @@ class MiniImagenPipeline(DiffusionPipeline):
         super_res_unet: MiniImagenUNet | None = None,
         super_res_scheduler: SchedulerMixin | None = None,
         image_noising_scheduler: DDPMScheduler | None = None,
-        safety_checker: SafetyChecker | None = None,
+        safety_checker: Callable | None = None,  # a SafetyChecker (bare Callable: diffusers type-checks it)
         text_encoder_name: str = DEFAULT_TEXT_ENCODER,
         text_encoder: FrozenTextEncoder | None = None,
+        requires_safety_checker: bool = True,
     ) -> None:
         super().__init__()
         _check_stages(unet, super_res_unet, super_res_scheduler, image_noising_scheduler)
@@ -208,18 +218,30 @@ class MiniImagenPipeline(DiffusionPipeline):
                               super_res_scheduler=super_res_scheduler,
                               image_noising_scheduler=image_noising_scheduler, safety_checker=safety_checker)
         self.register_to_config(text_encoder_name=text_encoder_name)  # the name only: see the module docstring
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
         self._text_encoder = text_encoder
+        self._prompt_checker: PromptChecker | None = None
+        if not requires_safety_checker:
+            warn_safety_off("requires_safety_checker=False", stacklevel=3)
+        elif safety_checker is None:
+            warnings.warn("the image safety check is off (safety_checker=None): prompts are still checked, "
+                          "images are not", SafetyCheckDisabledWarning, stacklevel=3)
 
     # --- building one --------------------------------------------------------------------------
     @classmethod
     def from_imagen(cls, imagen: Imagen, scheduler: str = "ddim", thresholding: str = "dynamic",
                     dynamic_threshold_percentile: float = 0.995,
-                    safety_checker: SafetyChecker | None = None) -> MiniImagenPipeline:
+                    safety_checker: SafetyChecker | None | str = "default",
+                    requires_safety_checker: bool = True) -> MiniImagenPipeline:
         """A pipeline with copies of ``imagen``'s U-Nets and schedulers equal to its ``scheduler`` sampler.
 
-        The defaults give ``Imagen.sample``'s defaults (DDIM, dynamic thresholding at p = 0.995).
-        ``imagen``'s text encoder is shared (and loaded now if it was not yet).
+        The defaults give ``Imagen.sample``'s defaults (DDIM, dynamic thresholding at p = 0.995, the
+        course's safety checks). ``imagen``'s text encoder is shared (and loaded now if it was not yet).
         """
+        if isinstance(safety_checker, str):
+            if safety_checker != "default":
+                raise ValueError(f"safety_checker must be 'default', a callable or None; got {safety_checker!r}")
+            safety_checker = default_image_checker() if requires_safety_checker else None
         stages = imagen.config.stages
         if len(stages) > 2:
             raise ValueError(f"MiniImagenPipeline runs a base and one super-resolution stage; this cascade has "
@@ -234,7 +256,8 @@ class MiniImagenPipeline(DiffusionPipeline):
             super_res = {"super_res_unet": unets[1], "super_res_scheduler": schedulers[1],
                          "image_noising_scheduler": noising}
         return cls(unet=unets[0], scheduler=schedulers[0], **super_res, safety_checker=safety_checker,
-                   text_encoder_name=imagen.config.text_encoder, text_encoder=imagen.text_encoder)
+                   text_encoder_name=imagen.config.text_encoder, text_encoder=imagen.text_encoder,
+                   requires_safety_checker=requires_safety_checker)
 
     @classmethod
     def from_mini_imagen(cls, folder: str | Path, text_encoder: FrozenTextEncoder | None = None,
@@ -249,6 +272,9 @@ class MiniImagenPipeline(DiffusionPipeline):
         if (not (folder / "model_index.json").is_file() and (folder / CONFIG_NAME).is_file()
                 and (folder / WEIGHTS_NAME).is_file()):
             return cls.from_mini_imagen(folder, **kwargs)
+        if kwargs.get("safety_checker", "default") == "default":  # the course checker is code + data, never saved
+            requires = kwargs.get("requires_safety_checker", _saved_requires_safety_checker(folder))
+            kwargs["safety_checker"] = default_image_checker() if requires else None
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # --- the text --------------------------------------------------------------------------------
@@ -332,6 +358,10 @@ class MiniImagenPipeline(DiffusionPipeline):
         and DeepFloyd IF's). The same ``generator`` seed as ``Imagen.sample(seed=...)`` gives its images.
         """
         self.check_inputs(prompt, prompt_embeds, num_images_per_prompt, noise_aug_level, output_type)
+        if prompt is not None and self.config.requires_safety_checker:  # refuse before any compute
+            if self._prompt_checker is None:
+                self._prompt_checker = PromptChecker(text_encoder=self.text_encoder)
+            self._prompt_checker.require_allowed(prompt)
         device, dtype = self._execution_device, self.unet.dtype
         if prompt_embeds is None:
             text = self.encode_prompt(prompt, num_images_per_prompt)
@@ -414,3 +444,11 @@ def _one_per_stage(value: float | Sequence, num_stages: int, name: str) -> list:
     if len(values) < num_stages:
         raise ValueError(f"{name} has {len(values)} values but the pipeline runs {num_stages} stages")
     return values[:num_stages]
+
+
+def _saved_requires_safety_checker(folder: Path) -> bool:
+    """``requires_safety_checker`` as saved in a pipeline folder's model_index.json (True if absent)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return True  # a hub name or an unusual folder: diffusers will say what is wrong with it
+    return bool(json.loads(index.read_text()).get("requires_safety_checker", True))

@@ -94,12 +94,14 @@ def cpu_small() -> TrainRecipe:
     stay noisy; a $v$-model's do not.
     """
     base = StageConfig(unet=UNetConfig.base32(), prediction_type="v_prediction")
-    sr = StageConfig(unet=UNetConfig.sr64())
+    # The SR stage trains on 32 px crops of the 64 px images: 4x less compute per sample, so it
+    # sees ~4x more steps in the same hour (the base and SR stages can train side by side, one per core).
+    sr = StageConfig(unet=UNetConfig.sr64(), prediction_type="v_prediction", train_crop_size=32)
     train = TrainConfig(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=200, ema_decay=0.999,
                         log_every=50, checkpoint_every=100)
     return TrainRecipe(model=ImagenConfig(stages=[base, sr]), train=train,
                        data=SceneConfig(resolution=64, held_out_pairs=HELD_OUT_PAIRS), num_scenes=50_000,
-                       stage_steps=[3000, 400])
+                       stage_steps=[3000, 4000])
 
 
 def emoji_cpu() -> TrainRecipe:

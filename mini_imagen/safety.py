@@ -321,7 +321,7 @@ class ImageSafetyChecker:
     @torch.no_grad()
     def scores(self, images: Tensor) -> Tensor:
         """(B, K) concept scores: $\\cos(e_i, e_c) - \\tau_c + a$; an image is flagged if any score > 0."""
-        embeddings = F.normalize(self.embed_images(images).float(), dim=-1)
+        embeddings = F.normalize(self.embed_images(images.float()).float(), dim=-1)  # the embedder is float32
         cosine = embeddings @ self.concept_embeddings.to(embeddings.device).T  # (B, K)
         thresholds = self.thresholds.to(cosine.device)
         special = self.special_care.to(cosine.device)
@@ -336,7 +336,7 @@ class ImageSafetyChecker:
         flagged = (scores > 0).any(dim=1)
         if flagged.any():
             images = images.clone()
-            images[flagged] = -1.0  # black in [-1, 1]
+            images[flagged.to(images.device)] = -1.0  # black in [-1, 1]
             names = sorted({self.names[k] for k in scores[flagged].argmax(dim=1).tolist()})
             print(f"mini-imagen: {int(flagged.sum())} image(s) replaced by black: they match the restricted "
                   f"concept(s) {', '.join(repr(n) for n in names)}")
@@ -356,6 +356,38 @@ def default_image_checker() -> ImageSafetyChecker | None:
               "prompts are still checked")
         return None
     return ImageSafetyChecker.from_mini_clip(mini_clip)
+
+
+class SafetyChecks:
+    """Both gates with their models loaded once: what ``Imagen.sample`` and ``MiniImagenPipeline`` run
+    by default. ``text_encoder``: the generator's own frozen encoder (the prompt check reuses it)."""
+
+    def __init__(self, text_encoder=None, image_checker: Callable[[Tensor], tuple[Tensor, list[bool]]] | None = None):
+        self.prompt_checker = PromptChecker(text_encoder=text_encoder)
+        self._image_checker = image_checker
+        self._image_checker_loaded = image_checker is not None
+
+    @property
+    def image_checker(self) -> Callable[[Tensor], tuple[Tensor, list[bool]]] | None:
+        if not self._image_checker_loaded:
+            self._image_checker = default_image_checker()
+            self._image_checker_loaded = True
+        return self._image_checker
+
+    def check_prompts(self, prompts: str | Sequence[str]) -> None:
+        """Raise ``SafetyRefusal`` (naming the concept) before any compute is spent on a refused prompt."""
+        self.prompt_checker.require_allowed(prompts)
+
+    def check_images(self, images: Tensor) -> tuple[Tensor, list[bool] | None]:
+        """(images with flagged ones black, one flag per image), or (images, None) without an image checker."""
+        checker = self.image_checker
+        return checker(images) if checker is not None else (images, None)
+
+
+def warn_safety_off(how: str, stacklevel: int = 3) -> None:
+    """The visible warning every generator gives when its safety check is turned off."""
+    warnings.warn(f"the safety check is off ({how}): prompts and images are not checked",
+                  SafetyCheckDisabledWarning, stacklevel=stacklevel)
 
 
 class SafetyCheckerUnavailableError(RuntimeError):

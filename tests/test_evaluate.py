@@ -109,7 +109,7 @@ def test_an_oracle_scores_full_marks_and_noise_scores_nothing():
     oracle = SceneOracle(scenes)
     report = evaluate(oracle, prompts, samples_per_prompt=2, seed=5, batch_size=5, progress=False, steps=3)
     assert [call[:2] for call in oracle.calls] == [(5, 5), (5, 6), (5, 7), (5, 8), (4, 9)]  # seed + batch index
-    assert oracle.calls[0][2] == {"steps": 3}
+    assert oracle.calls[0][2] == {"steps": 3, "safety": False}  # measuring, not serving: no image check
     assert report.overall["faithful"] == 1.0 and report.overall["images"] == 24
     assert set(report.by_split) == {"seen", "heldout"} and report.by_split["heldout"]["images"] == 12
     assert all(summary["faithful"] == 1.0 for summary in report.by_category.values())

@@ -133,3 +133,51 @@ def test_resize_images_is_antialiased_down_and_smooth_up():
     small = resize_images(checker.expand(1, 3, 32, 32), 16)
     assert small.abs().max() < 0.1  # averaged to grey, not aliased to a pattern
     assert resize_images(small, 32).shape == (1, 3, 32, 32)
+
+
+def test_sample_checks_prompts_before_compute_and_images_after_unless_told_not_to(imagen):
+    from mini_imagen.safety import SafetyCheckDisabledWarning, SafetyRefusal
+
+    calls = []
+    hook = imagen.unets[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(SafetyRefusal, match="restricted concept 'weapons'"):
+            imagen.sample(["a red circle", "a rifle on a wall"], steps=2)
+        assert not calls  # refused before the first U-Net call
+        checked = imagen.sample(["a red circle"], steps=2, stop_at_stage=0)
+        assert checked.nsfw_content_detected == [False] and calls
+        flagged = imagen.sample(["a red circle"], steps=2, stop_at_stage=0,
+                                safety_checker=lambda x: (torch.full_like(x, -1.0), [True]))
+        assert flagged.nsfw_content_detected == [True] and (flagged.images == -1).all()
+        with pytest.warns(SafetyCheckDisabledWarning, match=r"safety check is off \(sample\(safety=False\)\)"):
+            unchecked = imagen.sample(["a rifle on a wall"], steps=2, stop_at_stage=0, safety=False)
+        assert unchecked.nsfw_content_detected is None
+    finally:
+        hook.remove()
+
+
+def test_super_resolution_stages_can_train_on_random_crops(encoder):
+    config = tiny_config()
+    config.stages[1].train_crop_size = 16  # 16 px windows of the 32 px stage
+    imagen = Imagen(config, text_encoder=encoder)
+    seen = []
+    hook = imagen.unets[1].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (args[0].shape, kwargs["lowres_image"].shape)), with_kwargs=True)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    loss = imagen.stage_loss(1, imagen.unets[1], images, imagen.encode_text(["a"] * 3))
+    hook.remove()
+    assert torch.isfinite(loss) and seen == [(torch.Size([3, 3, 16, 16]), torch.Size([3, 3, 16, 16]))]
+    # the crop of the image and of its low-res condition come from the same window
+    from mini_imagen.imagen import random_crops
+
+    hi = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    a, b = random_crops(hi, hi.clone(), 4, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="train_crop_size 10 must be in"):
+        bad = tiny_config()
+        bad.stages[1].train_crop_size = 10
+        bad.validate()
+    with pytest.raises(ValueError, match="train_crop_size is for super-resolution stages"):
+        bad = tiny_config()
+        bad.stages[0].train_crop_size = 8
+        bad.validate()

@@ -91,6 +91,7 @@ def generate(pipe: MiniImagenPipeline, seed: int = 3, steps: int = 3, **options)
 
 
 # ----------------------------------------------------------------------------- same images as Imagen.sample
+@pytest.mark.filterwarnings("ignore:the safety check is off")
 @pytest.mark.parametrize("sampler,guidance_scale,noise_aug_level", [("ddim", (4.0, 2.0), 0.2),
                                                                     ("dpm++2m", (3.0, 1.0), 0.5),
                                                                     ("ddpm", (1.0, 5.0), 0.0)])
@@ -100,10 +101,10 @@ def test_pipeline_gives_imagen_sample_images_from_the_same_seed_in_float64(image
     double.load_state_dict(imagen.state_dict())
     double.double().eval()
     text = encoder.encode(PROMPTS).to(dtype=torch.float64)
-    with everything_in_float64():
-        pipe = make_pipe(double, sampler)
+    with everything_in_float64():  # the safety checks are not what this compares: off in both
+        pipe = make_pipe(double, sampler, requires_safety_checker=False)
         ours = double.sample(text=text, guidance_scale=guidance_scale, steps=3, sampler=sampler, seed=7,
-                             noise_aug_level=noise_aug_level)
+                             noise_aug_level=noise_aug_level, safety=False)
         theirs = pipe(prompt_embeds=text, guidance_scale=guidance_scale, num_inference_steps=3,
                       noise_aug_level=noise_aug_level, generator=torch.Generator().manual_seed(7),
                       output_type="pt").images
@@ -216,7 +217,7 @@ def test_output_types_agree_with_each_other(pipe):
     assert [np.asarray(image).tolist() for image in pil] == [np.asarray(i).tolist() for i in tensor_to_pil(pt)]
     images, flags = pipe(PROMPTS[0], num_inference_steps=2, num_images_per_prompt=3, output_type="pt",
                          return_dict=False)
-    assert images.shape == (3, 3, 32, 32) and flags is None
+    assert images.shape == (3, 3, 32, 32) and flags == [False, False, False]  # the default image check ran
     assert not torch.allclose(images[0], images[1])  # three samples of one prompt, not three copies
 
 
@@ -236,6 +237,29 @@ def test_safety_checker_flags_reach_the_output_and_it_is_not_saved(imagen, tmp_p
     assert (out.images[1] == 0).all() and (out.images[0] > 0).any()
     pipe.save_pretrained(tmp_path)  # a plain function cannot be saved: recorded as absent
     assert json.loads((tmp_path / "model_index.json").read_text())["safety_checker"] == [None, None]
+
+
+def test_safety_is_on_by_default_survives_a_save_and_is_turned_off_only_with_a_warning(imagen, pipe, tmp_path):
+    from mini_imagen.safety import ImageSafetyChecker, SafetyCheckDisabledWarning, SafetyRefusal
+
+    assert isinstance(pipe.safety_checker, ImageSafetyChecker) and pipe.config.requires_safety_checker
+    calls = []
+    pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(SafetyRefusal, match="restricted concept 'weapons'"):
+        pipe(["a red circle", "a blue square next to a g u n"], num_inference_steps=2)
+    assert not calls  # refused before any compute
+    pipe.save_pretrained(tmp_path / "on")
+    assert isinstance(MiniImagenPipeline.from_pretrained(tmp_path / "on").safety_checker, ImageSafetyChecker)
+
+    with pytest.warns(SafetyCheckDisabledWarning, match="safety check is off"):
+        off = make_pipe(imagen, requires_safety_checker=False)
+    assert off.safety_checker is None
+    assert off("a pistol", num_inference_steps=1, output_type="pt").nsfw_content_detected is None  # not checked
+    off.save_pretrained(tmp_path / "off")
+    with pytest.warns(SafetyCheckDisabledWarning):
+        assert MiniImagenPipeline.from_pretrained(tmp_path / "off").safety_checker is None  # the choice is kept
+    with pytest.warns(SafetyCheckDisabledWarning, match="image safety check is off"):
+        make_pipe(imagen, safety_checker=None)  # prompts still checked, images not: said out loud
 
 
 # ----------------------------------------------------------------------------- bad input

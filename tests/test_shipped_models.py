@@ -30,7 +30,8 @@ def test_the_scene_model_draws_what_it_is_asked_far_better_than_an_untrained_one
     torch.manual_seed(0)
     untrained = Imagen(trained.config, text_encoder=encoder)
     settings = dict(guidance_scale=2.0, steps=15, sampler="dpm++2m", thresholding="static", seed=0, stop_at_stage=0)
-    scores = {name: score_images(model.sample(PROMPTS, **settings).images, PROMPTS)
+    # safety=False: this measures the models (the image check would black out a few fair images)
+    scores = {name: score_images(model.sample(PROMPTS, safety=False, **settings).images, PROMPTS)
               for name, model in (("trained", trained), ("untrained", untrained))}
     colour = {name: sum(bool(s.colour) for s in rows) / len(rows) for name, rows in scores.items()}
     faithful = {name: sum(s.faithful for s in rows) / len(rows) for name, rows in scores.items()}

@@ -97,11 +97,11 @@ class MiniCLIP(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) in [-1, 1] (any H = W, resized to 32 px) -> (N, embed_dim) unit vectors."""
-        return F.normalize(self.image_projection(self.image_encoder(images.to(self.device))), dim=-1)
+        return F.normalize(self.image_projection(self.image_encoder(images.to(self.device, self.logit_scale.dtype))), dim=-1)
 
     def encode_text_pooled(self, pooled: Tensor) -> Tensor:
         """Frozen encoder's pooled vectors (N, text_dim) -> (N, embed_dim) unit vectors (training uses this)."""
-        return F.normalize(self.text_projection(pooled.to(self.device)), dim=-1)
+        return F.normalize(self.text_projection(pooled.to(self.device, self.logit_scale.dtype)), dim=-1)
 
     def encode_text(self, prompts: str | Sequence[str]) -> Tensor:
         """Prompts -> (N, embed_dim) unit vectors."""
