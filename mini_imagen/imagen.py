@@ -130,7 +130,7 @@ class ImagenOutput:
     """What ``Imagen.sample`` returns: the final images, and every stage's output for lessons."""
 
     images: Tensor  # (B, 3, H, W) in [-1, 1], the last stage
-    stage_images: list[Tensor]  # one (B, 3, h, w) tensor per stage
+    stage_images: list[Tensor]  # one (B, 3, h, w) tensor per stage that ran
     nsfw_content_detected: list[bool] | None = None
 
     def to_pil(self) -> list:
@@ -209,7 +209,9 @@ class Imagen(nn.Module):
             max_level = max(1, int(stage.noise_aug_max * stage.num_train_timesteps))
             lowres_noise_level = torch.randint(0, max_level, (batch,), device=device, generator=generator)
             aug_noise = torch.randn(lowres_clean.shape, device=device, generator=generator)
-            lowres_image = schedule.add_noise(lowres_clean, aug_noise, lowres_noise_level)
+            noised = schedule.add_noise(lowres_clean, aug_noise, lowres_noise_level)
+            # level 0 means clean, as at sampling time (noise_aug_max = 0 trains without augmentation)
+            lowres_image = torch.where((lowres_noise_level > 0).view(-1, 1, 1, 1), noised, lowres_clean)
 
         # $t \sim U\{0..T-1\}$, $\epsilon \sim N(0, I)$, $x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t}\epsilon$
         t = torch.randint(0, stage.num_train_timesteps, (batch,), device=device, generator=generator)
@@ -236,6 +238,7 @@ class Imagen(nn.Module):
         noise_aug_level: float = 0.2,
         seed: int | None = 0,
         stop_at_stage: int | None = None,
+        lowres_images: Tensor | None = None,
         safety: bool = True,
         safety_checker: Callable[[Tensor], Any] | None = None,
         progress: bool = False,
@@ -245,6 +248,10 @@ class Imagen(nn.Module):
         ``guidance_scale`` and ``steps`` take one value for all stages or one per stage.
         ``noise_aug_level`` (a fraction of T) is how much the previous stage's image is noised
         before a super-resolution stage sees it (Imagen sec. 2.4); 0 disables the augmentation.
+
+        ``lowres_images`` (B, 3, h, w) in [-1, 1] skips the stages up to size h: the cascade starts at the
+        super-resolution stage that follows, as if the earlier stages had drawn them (to upsample your
+        own images, or to test a super-resolution stage on real low-res images).
 
         ``safety`` (on by default, ``mini_imagen.safety``): prompts are checked before any compute
         (a refused one raises ``SafetyRefusal``) and images after; flagged images come back black and
@@ -267,6 +274,15 @@ class Imagen(nn.Module):
         text = text.to(self.device)
         batch = text.pooled.shape[0]
         num_stages = len(self.unets) if stop_at_stage is None else stop_at_stage + 1
+        first_stage, previous = 0, None
+        if lowres_images is not None:
+            sizes = [stage.image_size for stage in self.config.stages]
+            if lowres_images.ndim != 4 or lowres_images.shape[0] != batch or lowres_images.shape[-1] not in sizes[:-1]:
+                raise ValueError(f"lowres_images must be ({batch}, 3, h, h) with h the size of a stage that a "
+                                 f"super-resolution stage follows ({', '.join(map(str, sizes[:-1]))}); got "
+                                 f"{tuple(lowres_images.shape)}")
+            first_stage = sizes.index(lowres_images.shape[-1]) + 1
+            previous = lowres_images.to(self.device).clamp(-1, 1)
         scales = _per_stage(guidance_scale, num_stages, "guidance_scale")
         step_counts = _per_stage(steps, num_stages, "steps")
         if not 0.0 <= noise_aug_level < 1.0:
@@ -274,8 +290,7 @@ class Imagen(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
         stage_images: list[Tensor] = []
-        previous: Tensor | None = None
-        for index in range(num_stages):
+        for index in range(first_stage, num_stages):
             stage, schedule, unet = self.config.stages[index], self.schedules[index], self.unets[index]
             size = stage.image_size
             lowres_image = lowres_level = None

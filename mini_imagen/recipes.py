@@ -101,7 +101,7 @@ def cpu_small() -> TrainRecipe:
                         log_every=50, checkpoint_every=100)
     return TrainRecipe(model=ImagenConfig(stages=[base, sr]), train=train,
                        data=SceneConfig(resolution=64, held_out_pairs=HELD_OUT_PAIRS), num_scenes=50_000,
-                       stage_steps=[3000, 4000])
+                       stage_steps=[3000, 3600])
 
 
 def emoji_cpu() -> TrainRecipe:
@@ -151,7 +151,7 @@ def load_recipe(name_or_path: str | Path) -> tuple[TrainRecipe, str]:
     recipe = PRESETS[preset]()
     for key, value in data.items():
         if key == "model":
-            recipe.model = ImagenConfig.from_dict({**recipe.model.to_dict(), **value})
+            recipe.model = ImagenConfig.from_dict(_merge_model(recipe.model.to_dict(), value, path))
         elif key in ("train", "data"):
             current = getattr(recipe, key)
             setattr(recipe, key, _replace(current, value, f"{path}: {key}"))
@@ -162,6 +162,26 @@ def load_recipe(name_or_path: str | Path) -> tuple[TrainRecipe, str]:
                              "stage_steps, dataset")
     recipe.__post_init__()  # re-check what the file changed
     return recipe, path.stem
+
+
+def _merge_model(base: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The preset's model with a file's overrides; ``stages`` is merged stage by stage, so a file can say
+    ``model: {stages: [{}, {noise_aug_max: 0.0}]}`` to change one field of the second stage only."""
+    merged = {**base, **overrides}
+    if "stages" in overrides:
+        stages = overrides["stages"]
+        if not isinstance(stages, list) or len(stages) != len(base["stages"]):
+            raise ValueError(f"{path}: model.stages must be a list of {len(base['stages'])} mappings (one per stage "
+                             "of the preset; {} keeps a stage as it is)")
+        merged["stages"] = []
+        for index, (stage, change) in enumerate(zip(base["stages"], stages)):
+            if not isinstance(change, dict):
+                raise ValueError(f"{path}: model.stages[{index}] must be a mapping, got {change!r}")
+            unknown = sorted(set(change) - set(stage))
+            if unknown:
+                raise ValueError(f"{path}: model.stages[{index}]: unknown field(s) {unknown}; allowed: {sorted(stage)}")
+            merged["stages"].append({**stage, **change, "unet": {**stage["unet"], **change.get("unet", {})}})
+    return merged
 
 
 def _replace(obj: Any, overrides: dict[str, Any], where: str) -> Any:

@@ -181,3 +181,13 @@ def test_super_resolution_stages_can_train_on_random_crops(encoder):
         bad = tiny_config()
         bad.stages[0].train_crop_size = 8
         bad.validate()
+
+
+def test_sample_can_start_from_given_low_res_images(imagen):
+    low = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = imagen.sample(["a red circle", "a blue square"], steps=2, lowres_images=low, safety=False)
+    assert out.images.shape == (2, 3, 32, 32) and len(out.stage_images) == 1
+    other = imagen.sample(["a red circle", "a blue square"], steps=2, lowres_images=-low, safety=False)
+    assert not torch.allclose(out.images, other.images)  # the super-resolution stage really reads them
+    with pytest.raises(ValueError, match="lowres_images must be"):
+        imagen.sample(["a red circle"], steps=2, lowres_images=torch.zeros(1, 3, 32, 32), safety=False)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mini_imagen import generate, recipes
 from mini_imagen.imagen import Imagen
-from mini_imagen.recipes import PRESETS, load_recipe, train_recipe
+from mini_imagen.recipes import PRESETS, cpu_small, cpu_tiny, load_recipe, train_recipe
 
 
 def micro_recipe(steps: tuple[int, int] = (4, 2)) -> recipes.TrainRecipe:
@@ -50,6 +50,13 @@ def test_config_file_overrides_a_preset(tmp_path):
     json_path = tmp_path / "other.json"
     json_path.write_text(json.dumps({"preset": "cpu-tiny", "num_scenes": 99}))
     assert load_recipe(json_path)[0].num_scenes == 99
+    # stages merge one by one: {} keeps a stage, a mapping changes only the fields it names
+    path.write_text("preset: cpu-tiny\nmodel: {stages: [{}, {noise_aug_max: 0.0, unet: {base_channels: 8}}]}\n")
+    stages = load_recipe(path)[0].model.stages
+    assert stages[0] == cpu_tiny().model.stages[0]
+    assert stages[1].noise_aug_max == 0.0 and stages[1].unet.base_channels == 8 and stages[1].unet.lowres_cond
+    shipped_ablation = load_recipe(Path(recipes.__file__).parent / "weights" / "scenes_sr_no_aug.yaml")[0].model.stages
+    assert shipped_ablation[1].noise_aug_max == 0.0 and shipped_ablation[0] == cpu_small().model.stages[0]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -58,6 +65,8 @@ def test_config_file_overrides_a_preset(tmp_path):
     ("bogus: 1\n", "unknown key 'bogus'"),
     ("train: [1, 2\n", "not valid YAML"),
     ("- a list\n", "must hold a mapping"),
+    ("preset: cpu-tiny\nmodel: {stages: [{}]}\n", "must be a list of 2 mappings"),
+    ("preset: cpu-tiny\nmodel: {stages: [{}, {noise_aug: 0}]}\n", "unknown field.*noise_aug"),
 ])
 def test_bad_config_files_are_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

@@ -15,6 +15,7 @@ held-out colour-shape pairs are reported apart: held-out pairs measure compositi
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mini_imagen.evaluation.scorer import CATEGORIES, SceneScore, category_accuracy, score_image
 from mini_imagen.prompts import EvalPrompt, load_prompts
+from mini_imagen.safety import SafetyCheckDisabledWarning
 
 COLUMNS = (*CATEGORIES, "faithful")
 
@@ -91,6 +93,7 @@ def evaluate(imagen: Sampler, prompts: Sequence[EvalPrompt | str] | str, samples
     ``prompts`` is a list, or the name / JSON file of a prompt set (``mini_imagen.prompts``);
     ``sampling_kwargs`` go to ``imagen.sample`` (``steps``, ``guidance_scale``, ``sampler``,
     ``stop_at_stage``...). Batch ``b`` is sampled with seed ``seed + b``: the same call gives the same report.
+    The safety checks are off here (``safety=False``): this measures what the model draws.
     """
     name = prompt_set
     if isinstance(prompts, (str, Path)):
@@ -107,7 +110,9 @@ def evaluate(imagen: Sampler, prompts: Sequence[EvalPrompt | str] | str, samples
         for batch, start in enumerate(range(0, len(jobs), batch_size)):
             texts = [prompt.prompt for prompt in jobs[start:start + batch_size]]
             # safety=False: this measures the model; the image check would black out some fair images.
-            output = imagen.sample(texts, seed=seed + batch, safety=False, **sampling_kwargs)
+            with warnings.catch_warnings():  # ...and says so once, in the docstring, not once per batch
+                warnings.simplefilter("ignore", SafetyCheckDisabledWarning)
+                output = imagen.sample(texts, seed=seed + batch, safety=False, **sampling_kwargs)
             for image, text in zip(output.images.float().cpu(), texts):
                 scores.append(score_image(image, text))
                 images.append(image)
