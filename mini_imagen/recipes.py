@@ -206,29 +206,33 @@ def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | No
     else:
         imagen = Imagen(recipe.model)
     stages = list(range(len(recipe.model.stages))) if stages is None else stages
-    dataset, collate = recipe.make_dataset()
-    encoder = imagen.text_encoder
-
     for index in stages:
-        config = dataclasses.replace(recipe.train, steps=recipe.steps_for(index),
-                                     output_dir=str(output / f"stage{index}"))
-        generator = torch.Generator().manual_seed(config.seed + index)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collate, num_workers=config.num_workers, generator=generator)
-
-        def loss_fn(unet: torch.nn.Module, batch: dict, index: int = index) -> torch.Tensor:
-            images = batch["image"].to(next(unet.parameters()).device)
-            text = encoder.encode(batch["caption"]).to(images.device)
-            return imagen.stage_loss(index, unet, images, text)
-
-        trainer = Trainer(imagen.unets[index], loss_fn, loader, config)
-        if resume:
-            trainer.resume()
-        print(f"training stage {index} ({recipe.model.stages[index].image_size}px) for {config.steps} steps "
-              f"-> {config.output_dir}")
-        trainer.train()
-        # Ship the EMA weights: they sample better than the raw weights (Imagen appendix, imagen-pytorch).
-        imagen.unets[index].load_state_dict(trainer.ema_model.state_dict())
-        imagen.unets[index].cpu()
+        train_stage(imagen, index, recipe, output, resume)
         imagen.save_pretrained(output)
     return output
+
+
+def train_stage(imagen: Imagen, index: int, recipe: TrainRecipe, output: Path, resume: bool = True) -> Imagen:
+    """Train stage ``index`` of ``imagen`` with the recipe (checkpoints in ``output/stage<index>``); keep its EMA."""
+    dataset, collate = recipe.make_dataset()
+    encoder = imagen.text_encoder
+    config = dataclasses.replace(recipe.train, steps=recipe.steps_for(index), output_dir=str(output / f"stage{index}"))
+    generator = torch.Generator().manual_seed(config.seed + index)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collate, num_workers=config.num_workers, generator=generator)
+
+    def loss_fn(unet: torch.nn.Module, batch: dict) -> torch.Tensor:
+        images = batch["image"].to(next(unet.parameters()).device)
+        text = encoder.encode(batch["caption"]).to(images.device)
+        return imagen.stage_loss(index, unet, images, text)
+
+    trainer = Trainer(imagen.unets[index], loss_fn, loader, config)
+    if resume:
+        trainer.resume()
+    print(f"training stage {index} ({recipe.model.stages[index].image_size}px) for {config.steps} steps "
+          f"-> {config.output_dir}")
+    trainer.train()
+    # Ship the EMA weights: they sample better than the raw weights (Imagen appendix, imagen-pytorch).
+    imagen.unets[index].load_state_dict(trainer.ema_model.state_dict())
+    imagen.unets[index].cpu()
+    return imagen

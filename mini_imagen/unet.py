@@ -373,16 +373,7 @@ class EfficientUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h)))
 
     def _drop_text(self, drop_text: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor) -> tuple[Tensor, ...]:
-        """Swap in the learned null text for the rows where ``drop_text`` is True (classifier-free guidance)."""
-        if drop_text.shape != (tokens.shape[0],) or drop_text.dtype != torch.bool:
-            raise ValueError(f"drop_text must be a (B,) bool tensor with B={tokens.shape[0]}, "
-                             f"got {tuple(drop_text.shape)} {drop_text.dtype}")
-        drop = drop_text.to(tokens.device)
-        null_tokens = self.null_text_tokens[: tokens.shape[1]].to(tokens.dtype)
-        tokens = torch.where(drop[:, None, None], null_tokens, tokens)
-        mask = mask | drop[:, None]  # every null token is attended to
-        pooled = torch.where(drop[:, None], self.null_text_pooled.to(pooled.dtype), pooled)
-        return tokens, mask, pooled
+        return swap_in_null_text(drop_text, tokens, mask, pooled, self.null_text_tokens, self.null_text_pooled)
 
     def _check_inputs(self, x_t: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor,
                       lowres_image: Tensor | None, lowres_noise_level: Tensor | None) -> None:
@@ -413,6 +404,19 @@ class EfficientUNet(nn.Module):
         elif lowres_image is not None or lowres_noise_level is not None:
             raise ValueError("lowres_image / lowres_noise_level were given but this U-Net is a base model "
                              "(lowres_cond=False)")
+
+
+def swap_in_null_text(drop_text: Tensor, tokens: Tensor, mask: Tensor, pooled: Tensor,
+                      null_tokens: Tensor, null_pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Swap in the learned null text for the rows where ``drop_text`` is True (classifier-free guidance)."""
+    if drop_text.shape != (tokens.shape[0],) or drop_text.dtype != torch.bool:
+        raise ValueError(f"drop_text must be a (B,) bool tensor with B={tokens.shape[0]}, "
+                         f"got {tuple(drop_text.shape)} {drop_text.dtype}")
+    drop = drop_text.to(tokens.device)
+    tokens = torch.where(drop[:, None, None], null_tokens[: tokens.shape[1]].to(tokens.dtype), tokens)
+    mask = mask | drop[:, None]  # every null token is attended to
+    pooled = torch.where(drop[:, None], null_pooled.to(pooled.dtype), pooled)
+    return tokens, mask, pooled
 
 
 def _per_sample(value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:

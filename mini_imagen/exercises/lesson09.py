@@ -171,7 +171,7 @@ def check_category_accuracy(fn: Callable[[Sequence[Any]], Any]) -> bool:
     keys = (*CATEGORIES, "faithful")
     missing = [key for key in keys if key not in result]
     if missing:
-        return _report(False, name, f"missing keys {missing}; give one for each of {list(keys)}")
+        return _report(False, name, f"missing keys {missing}: give one entry for each of CATEGORIES and 'faithful'")
     for key in keys:
         got, want = result[key], expected[key]
         if want is None:
