@@ -10,6 +10,7 @@ from mini_imagen.imagen import Imagen
 from mini_imagen.text import load_text_encoder
 
 SCENE_MODEL_SHA256 = "75eb315890dc56fd7bc4cddd9ac07bb84d67a6340239da3656f88f01575e991b"
+SR_NO_AUG_SHA256 = "b81ebc2429bd6452e19052fc749f67a465f96bc5e16f38fb2978dcc0142dd4f1"
 PROMPTS = ["a green star", "a blue square", "two white circles", "a purple triangle", "a yellow circle",
            "a red circle", "an orange diamond", "a cyan circle"]
 
@@ -59,6 +60,20 @@ def test_the_super_resolution_stage_beats_bilinear_upsampling_on_real_low_res_sc
           f"super-resolution stage {psnr(upsampled):.1f} dB")
     assert psnr(upsampled) > psnr(resize_images(low, 64)) + 3.0
     assert sum(s.faithful for s in score_images(upsampled, captions)) >= 7
+
+
+def test_the_lesson_07_ablation_is_the_same_sr_stage_trained_without_augmentation():
+    from safetensors.torch import load_file
+
+    folder = SHIPPED_SCENE_MODEL.parent / "scenes_sr_no_aug"
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == SR_NO_AUG_SHA256, "the shipped ablation changed: update its model card and this hash"
+    model = Imagen.from_pretrained(SHIPPED_SCENE_MODEL, text_encoder=load_text_encoder())
+    state = load_file(folder / "model.safetensors")
+    assert not torch.equal(state["init_conv.weight"].float(), model.unets[1].init_conv.weight)  # other weights
+    model.unets[1].load_state_dict({k: v.float() for k, v in state.items()})  # strict: same architecture
+    image = model.sample(["a blue square"], steps=2, seed=0, safety=False).images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
 def test_a_full_cascade_image_on_the_cpu():
