@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     step_seconds = train_step_seconds(models, args.rounds, recipe.train.batch_size)
     real = SceneDataset(dataclasses.replace(recipe.data, resolution=32, seed=11), length=args.fid_samples)
     real_images = torch.stack([real[i]["image"] for i in range(len(real))])
-    fid_captions = [SceneDataset(dataclasses.replace(recipe.data, resolution=32, seed=12), length=args.fid_samples)[i]
-                    ["caption"] for i in range(args.fid_samples)]
+    caption_source = SceneDataset(dataclasses.replace(recipe.data, resolution=32, seed=12), length=args.fid_samples)
+    fid_captions = [caption_source[i]["caption"] for i in range(args.fid_samples)]
     rows = {}
     for model_name, imagen in models.items():
         report = evaluate(imagen, "eval64", samples_per_prompt=args.samples, progress=False, **SAMPLING)

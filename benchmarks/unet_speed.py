@@ -37,7 +37,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -110,21 +109,9 @@ def build_mini_imagen(config: UNetConfig) -> Contender:
 
 
 def build_diffusers(config: UNetConfig, width: int) -> Contender:
-    from diffusers import UNet2DConditionModel
+    from mini_imagen.diffusers_baseline import diffusers_unet  # the same mirror the course's baseline uses
 
-    attended = [size in config.attention_resolutions or size in config.cross_attention_resolutions
-                for size in config.level_sizes]
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attended)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended))
-    model = UNet2DConditionModel(
-        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
-        block_out_channels=tuple(width * m for m in config.channel_mults), layers_per_block=config.num_res_blocks,
-        down_block_types=down, up_block_types=up,
-        mid_block_type="UNetMidBlock2DCrossAttn" if attended[-1] else "UNetMidBlock2D",
-        norm_num_groups=math.gcd(32, width), cross_attention_dim=config.text_embed_dim,
-        attention_head_dim=config.num_heads,  # sic: diffusers reads this as the number of heads
-        class_embed_type="projection", projection_class_embeddings_input_dim=config.text_embed_dim,
-    )
+    model = diffusers_unet(config, width)
     return Contender("diffusers", "diffusers UNet2DConditionModel", model, lambda b: model(
         b.x_t, b.t, b.tokens, class_labels=b.pooled, encoder_attention_mask=b.mask).sample, width)
 

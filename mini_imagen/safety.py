@@ -36,7 +36,7 @@ ViT-L/14 in Stable Diffusion's checker) and a carefully evaluated concept list.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 import re
 import unicodedata
 import warnings
@@ -362,17 +362,12 @@ class SafetyChecks:
     """Both gates with their models loaded once: what ``Imagen.sample`` and ``MiniImagenPipeline`` run
     by default. ``text_encoder``: the generator's own frozen encoder (the prompt check reuses it)."""
 
-    def __init__(self, text_encoder=None, image_checker: Callable[[Tensor], tuple[Tensor, list[bool]]] | None = None):
+    def __init__(self, text_encoder=None):
         self.prompt_checker = PromptChecker(text_encoder=text_encoder)
-        self._image_checker = image_checker
-        self._image_checker_loaded = image_checker is not None
 
-    @property
+    @cached_property
     def image_checker(self) -> Callable[[Tensor], tuple[Tensor, list[bool]]] | None:
-        if not self._image_checker_loaded:
-            self._image_checker = default_image_checker()
-            self._image_checker_loaded = True
-        return self._image_checker
+        return default_image_checker()  # loaded on the first image check, then kept (None stays None)
 
     def check_prompts(self, prompts: str | Sequence[str]) -> None:
         """Raise ``SafetyRefusal`` (naming the concept) before any compute is spent on a refused prompt."""
