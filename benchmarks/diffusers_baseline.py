@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,31 +34,41 @@ from mini_imagen.evaluation import domain_fid, evaluate
 from mini_imagen.generate import SHIPPED_SCENE_MODEL
 from mini_imagen.imagen import Imagen
 from mini_imagen.recipes import load_recipe
+from mini_imagen.runtime import pick_device
+from mini_imagen.safety import SafetyCheckDisabledWarning
 from mini_imagen.text import load_text_encoder
 
 SAMPLING = dict(sampler="dpm++2m", steps=25, guidance_scale=2.0, thresholding="static", stop_at_stage=0)
 PACKAGE_COPY = Path(__file__).resolve().parents[1] / "mini_imagen" / "weights" / "diffusers_baseline"
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
+
+
 def train_step_seconds(models: dict[str, Imagen], rounds: int, batch_size: int) -> dict[str, float]:
     """Median seconds of one AdamW training step of each base U-Net on the same batch, rounds interleaved."""
     scenes = SceneDataset(SceneConfig(resolution=32, seed=5), length=batch_size)
-    images = torch.stack([scenes[i]["image"] for i in range(batch_size)])
     captions = [scenes[i]["caption"] for i in range(batch_size)]
     times: dict[str, list[float]] = {name: [] for name in models}
-    optimizers = {}
+    optimizers, images = {}, {}
     for name, imagen in models.items():
         imagen.unets[0].train()
         optimizers[name] = torch.optim.AdamW(imagen.unets[0].parameters(), lr=1e-6)  # tiny: barely moves weights
-    texts = {name: imagen.encode_text(captions) for name, imagen in models.items()}
+        images[name] = torch.stack([scenes[i]["image"] for i in range(batch_size)]).to(imagen.device)
+    texts = {name: imagen.encode_text(captions).to(imagen.device) for name, imagen in models.items()}
     for round_ in range(rounds + 1):
         for name, imagen in models.items():
+            _synchronize()
             start = time.perf_counter()
-            loss = imagen.stage_loss(0, imagen.unets[0], images, texts[name],
-                                     generator=torch.Generator().manual_seed(round_))
+            # bf16 autocast on a GPU, as in training; on the CPU full precision, as in training there
+            with torch.autocast(imagen.device.type, dtype=torch.bfloat16, enabled=imagen.device.type == "cuda"):
+                loss = imagen.stage_loss(0, imagen.unets[0], images[name], texts[name])
             optimizers[name].zero_grad()
             loss.backward()
             optimizers[name].step()
+            _synchronize()
             if round_ > 0:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
     for imagen in models.values():
@@ -65,11 +76,20 @@ def train_step_seconds(models: dict[str, Imagen], rounds: int, batch_size: int) 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def sampling_seconds_per_image(imagen: Imagen, count: int = 16) -> float:
+def sampling_seconds_per_image(models: dict[str, Imagen], count: int = 16, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per image of 25-step sampling, the models taking turns (a busy machine slows both alike)."""
     prompts = ["a red circle above a blue square"] * count
-    start = time.perf_counter()
-    imagen.sample(prompts, seed=0, safety=False, **SAMPLING)
-    return (time.perf_counter() - start) / count
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for imagen in models.values():
+        imagen.sample(prompts[:2], seed=0, safety=False, **SAMPLING)  # warm-up (kernels, caches)
+    for _ in range(rounds):
+        for name, imagen in models.items():
+            _synchronize()
+            start = time.perf_counter()
+            imagen.sample(prompts, seed=0, safety=False, **SAMPLING)
+            _synchronize()
+            times[name].append((time.perf_counter() - start) / count)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def generated_for_fid(imagen: Imagen, captions: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -88,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed training steps per model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--ship", action="store_true", help=f"write the fp16 baseline to {PACKAGE_COPY}")
+    parser.add_argument("--ours", default=str(SHIPPED_SCENE_MODEL), help="the mini-imagen model folder to compare")
+    parser.add_argument("--no-train", action="store_true", help="use the baseline in --output as it is")
+    parser.add_argument("--timing-only", action="store_true", help="only time training steps and sampling")
+    parser.add_argument("--batch-size", type=int, default=None, help="timed batch (default: the recipe's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=SafetyCheckDisabledWarning)  # measuring models, not serving them
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -96,19 +122,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None:
         recipe.stage_steps = [args.steps, *(recipe.stage_steps or [recipe.train.steps])[1:]]
     output = Path(args.output)
-    start = time.time()
-    train_baseline(recipe, output)
-    train_wall = time.time() - start
-    print(f"baseline trained (or resumed) in {train_wall / 60:.1f} min this run -> {output}")
+    if not args.no_train:
+        start = time.time()
+        train_baseline(recipe, output)
+        train_wall = time.time() - start
+        print(f"baseline trained (or resumed) in {train_wall / 60:.1f} min this run -> {output}")
 
-    encoder = load_text_encoder()
-    models = {"mini-imagen EfficientUNet": Imagen.from_pretrained(SHIPPED_SCENE_MODEL, text_encoder=encoder),
-              "diffusers UNet2DConditionModel": load_baseline(output, text_encoder=encoder)}
-    step_seconds = train_step_seconds(models, args.rounds, recipe.train.batch_size)
+    device = pick_device(args.device)
+    encoder = load_text_encoder(device=device)
+    models = {"mini-imagen EfficientUNet": Imagen.from_pretrained(args.ours, text_encoder=encoder).to(device),
+              "diffusers UNet2DConditionModel": load_baseline(output, text_encoder=encoder, device=device)}
+    batch_size = args.batch_size or recipe.train.batch_size
+    step_seconds = train_step_seconds(models, args.rounds, batch_size)
+    if args.timing_only:
+        sample_seconds = sampling_seconds_per_image(models)
+        timings = {name: {"train_step_s": step_seconds[name], "sample_s_per_image": sample_seconds[name],
+                          "parameters_M": round(imagen.unets[0].num_parameters() / 1e6, 2)}
+                   for name, imagen in models.items()}
+        machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+        result = {"machine": machine, "torch": torch.__version__, "batch_size": batch_size, "timings": timings}
+        print(json.dumps(result, indent=2))
+        (output / "timings.json").write_text(json.dumps(result, indent=2))
+        return
     real = SceneDataset(dataclasses.replace(recipe.data, resolution=32, seed=11), length=args.fid_samples)
     real_images = torch.stack([real[i]["image"] for i in range(len(real))])
     caption_source = SceneDataset(dataclasses.replace(recipe.data, resolution=32, seed=12), length=args.fid_samples)
     fid_captions = [caption_source[i]["caption"] for i in range(args.fid_samples)]
+    sample_seconds = sampling_seconds_per_image(models)
     rows = {}
     for model_name, imagen in models.items():
         report = evaluate(imagen, "eval64", samples_per_prompt=args.samples, progress=False, **SAMPLING)
@@ -119,11 +159,12 @@ def main(argv: list[str] | None = None) -> None:
             "colour": report.overall["colour"],
             "domain_fid": domain_fid(real_images, generated_for_fid(imagen, fid_captions)),
             "train_step_s": step_seconds[model_name],
-            "sample_s_per_image": sampling_seconds_per_image(imagen),
+            "sample_s_per_image": sample_seconds[model_name],
         }
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
                f"{torch.__version__}, {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    steps = recipe.steps_for(0)
+    # an open-ended recipe (max_minutes) stops where the clock says: its step count is in the model cards
+    steps = "as trained (see the model cards)" if recipe.train.max_minutes else recipe.steps_for(0)
     print(f"\nSame recipe ({name}, base stage, {steps} steps x batch {recipe.train.batch_size}); eval64 x "
           f"{args.samples}, domain FID at N={args.fid_samples}; {machine}\n")
     print("| base U-Net | params | faithful seen | faithful held-out | colour | domain FID | train step | "

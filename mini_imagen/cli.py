@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", default="all", help="stage index to train, or 'all' (default)")
     train.add_argument("--output", default=None, help="model folder (default: runs/<preset or file name>)")
     train.add_argument("--steps", type=int, default=None, help="override the config's training steps")
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="stop each stage after this many minutes, with a checkpoint (a rerun resumes)")
     train.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (overrides the config)")
     train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
 
@@ -113,7 +115,9 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe, name = load_recipe(args.config)
     if args.steps is not None:
-        recipe.train.steps = args.steps
+        recipe.train.steps, recipe.stage_steps = args.steps, None  # the same number for every trained stage
+    if args.max_minutes is not None:
+        recipe.train.max_minutes = args.max_minutes
     if args.device is not None:
         recipe.train.device = args.device
     output = Path(args.output) if args.output else Path("runs") / name

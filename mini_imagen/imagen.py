@@ -303,9 +303,13 @@ class Imagen(nn.Module):
                 lowres_image = schedule.add_noise(lowres_clean, aug_noise, lowres_level) if level > 0 else lowres_clean
 
             model_fn = self._guided_model_fn(unet, text, scales[index], lowres_image, lowres_level)
+            # DDIM with thresholding steps with the $\hat\epsilon$ that the *thresholded* $\hat x_0$ implies
+            # (GLIDE's choice): mixing the clipped $\hat x_0$ with the network's own $\hat\epsilon$ (diffusers'
+            # default) describes no single $x_t$, and under guidance the samples fall apart (lesson 06).
+            ddim_options = {"use_clipped_model_output": thresholding != "none"} if sampler == "ddim" else {}
             stage_sampler = make_sampler(
                 sampler, schedule, prediction_type=stage.prediction_type,
-                thresholding=thresholding, dynamic_threshold_percentile=dynamic_threshold_percentile,
+                thresholding=thresholding, dynamic_threshold_percentile=dynamic_threshold_percentile, **ddim_options,
             )
             x_T = torch.randn((batch, stage.unet.out_channels, size, size), generator=generator).to(self.device)
             previous = run_sampler(

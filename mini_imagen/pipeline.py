@@ -330,6 +330,10 @@ class MiniImagenPipeline(DiffusionPipeline):
         step_options = {"generator": generator}
         if "eta" in inspect.signature(scheduler.step).parameters:  # DDIM's eta (0 = deterministic)
             step_options["eta"] = eta
+        if "use_clipped_model_output" in inspect.signature(scheduler.step).parameters:
+            # DDIM with a thresholded $\hat x_0$: take the $\hat\epsilon$ it implies, as Imagen.sample does
+            step_options["use_clipped_model_output"] = bool(scheduler.config.get("thresholding")
+                                                            or scheduler.config.get("clip_sample"))
         for t in self.progress_bar(scheduler.timesteps):
             model_input = scheduler.scale_model_input(x, t)  # identity for DDPM/DDIM/DPM, not for Euler
             output = self.guided_prediction(unet, model_input, t, text, guidance_scale, lowres_image, lowres_level)

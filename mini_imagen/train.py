@@ -80,6 +80,7 @@ class TrainConfig:
     """One training run of one stage. Defaults are DDPM/Imagen choices at course scale."""
 
     steps: int = 1000  # total optimizer steps of the run
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit (Colab sessions)
     batch_size: int = 32  # per process; used when `data` is a Dataset (a DataLoader keeps its own)
     learning_rate: float = 2e-4  # peak AdamW learning rate (DDPM App. B)
     warmup_steps: int = 100  # linear warmup from ~0 to learning_rate (Imagen App. F uses 10k)
@@ -104,6 +105,7 @@ class TrainConfig:
         _require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.max_minutes >= 0, f"max_minutes must be >= 0 (0 = no time limit), got {self.max_minutes}")
         _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(
             len(self.adam_betas) == 2 and all(0 <= beta < 1 for beta in self.adam_betas),
@@ -359,8 +361,13 @@ class Trainer:
         records: list[dict[str, float]] = []
         window_losses: list[float] = []
         window_start = time.perf_counter()
+        deadline = window_start + 60 * config.max_minutes if config.max_minutes else math.inf
         with tqdm(total=end, initial=self.step, disable=not self._show_progress(), desc="train") as bar:
             while self.step < end:
+                if time.perf_counter() > deadline:  # out of time: stop cleanly, the checkpoint below keeps the step
+                    if self.accelerator.is_main_process:
+                        print(f"stopped at step {self.step}/{end}: max_minutes={config.max_minutes:g} reached", flush=True)
+                    break
                 loss, grad_norm = self._train_step(next(self._batches))
                 self.step += 1
                 window_losses.append(loss)

@@ -167,3 +167,29 @@ def test_cli_presets_lists_every_preset():
     assert out.returncode == 0
     for name in PRESETS:
         assert name in out.stdout
+
+
+def test_cli_train_steps_override_every_stage_and_max_minutes_stops_early(tmp_path, monkeypatch):
+    from mini_imagen import cli
+
+    config = tmp_path / "micro.json"  # the micro recipe as a file: cpu-tiny with stage_steps [4, 2] and small sizes
+    recipe = micro_recipe()
+    config.write_text(json.dumps({"preset": "cpu-tiny", "model": recipe.model.to_dict(), "num_scenes": 32,
+                                  "data": {"resolution": 32}, "stage_steps": [4, 2],
+                                  "train": {"batch_size": 4, "checkpoint_every": 2, "progress_bar": False}}))
+    # --steps replaces the per-stage steps (it once lost to stage_steps and was ignored)
+    assert cli.main(["train", "--config", str(config), "--stage", "1", "--steps", "3",
+                     "--output", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a" / "stage1" / "checkpoints").iterdir())[-1] == "step_0000003.pt"
+    # --max-minutes: a 1000-step run stops on the clock with a checkpoint, and a rerun resumes from it
+    assert cli.main(["train", "--config", str(config), "--stage", "0", "--steps", "1000", "--max-minutes", "0.002",
+                     "--output", str(tmp_path / "b")]) == 0
+    (last,) = sorted(p.name for p in (tmp_path / "b" / "stage0" / "checkpoints").iterdir())[-1:]
+    assert last < "step_0001000.pt"
+
+
+def test_the_gpu_preset_prerenders_and_is_time_limited():
+    recipe = PRESETS["gpu-quick"]()
+    assert recipe.prerender and recipe.render_cache and recipe.train.max_minutes > 0
+    assert recipe.train.mixed_precision == "auto" and recipe.train.batch_size == 256
+    assert recipe.model.stages[1].unet.base_channels == 24  # the shipped SR stages' width

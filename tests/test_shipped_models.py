@@ -9,8 +9,12 @@ from mini_imagen.generate import SHIPPED_SCENE_MODEL, default_model_dir
 from mini_imagen.imagen import Imagen
 from mini_imagen.text import load_text_encoder
 
-SCENE_MODEL_SHA256 = "75eb315890dc56fd7bc4cddd9ac07bb84d67a6340239da3656f88f01575e991b"
-SR_NO_AUG_SHA256 = "b81ebc2429bd6452e19052fc749f67a465f96bc5e16f38fb2978dcc0142dd4f1"
+SCENE_MODEL_SHA256 = "f5fa99dbb467d01de427d1845f87a548cc04129c0cda971b8c4fe1e778c9c803"
+SR_NO_AUG_SHA256 = "ab578c429b1c87e170f4b9462639d0f773e7184a4f2971bfca58867c2757d816"
+EMOJI_MODEL_SHA256 = "6cbdce30ca79131ca98598c96526340dc8d7ea67e8ce597519c57a47cc859a6a"
+BASELINE_SHA256 = "ffc819db9e9f7b9b5d13a4b336c0c804d72b44dee811e13eba24f84b97dbe3cb"
+WEIGHTS = SHIPPED_SCENE_MODEL.parent
+BUDGET_BYTES = 30_000_000  # every shipped model together (issue: shipped weights)
 PROMPTS = ["a green star", "a blue square", "two white circles", "a purple triangle", "a yellow circle",
            "a red circle", "an orange diamond", "a cyan circle"]
 
@@ -80,3 +84,74 @@ def test_a_full_cascade_image_on_the_cpu():
     model = Imagen.from_pretrained(SHIPPED_SCENE_MODEL, text_encoder=load_text_encoder())
     image = model.sample(["a green star"], steps=3, seed=0).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_every_shipped_model_fits_the_30_mb_budget():
+    total = sum(path.stat().st_size for path in WEIGHTS.rglob("*") if path.is_file())
+    assert total < BUDGET_BYTES, f"the shipped weights are {total / 1e6:.1f} MB, over the 30 MB budget"
+
+
+# ----------------------------------------------------------------------------- the emoji model
+def test_the_emoji_model_is_the_one_its_card_describes():
+    folder = WEIGHTS / "emoji"
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == EMOJI_MODEL_SHA256, "the shipped emoji weights changed: update the model card and this hash"
+    assert (folder / "README.md").is_file()
+    model = Imagen.from_pretrained(folder, text_encoder=load_text_encoder())
+    assert [s.image_size for s in model.config.stages] == [32, 64]
+    image = model.sample(["red apple"], steps=3, seed=0, safety=False).images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+EMOJI_NAMES = ["red apple", "pizza", "red heart", "dog face", "grinning face", "rocket", "sun", "banana"]
+
+
+def emoji_ranks(model: Imagen, **settings) -> list[int]:
+    """For each of EMOJI_NAMES: how many of the 1,554 training emoji lie closer (pixel distance at 32 px) to the
+    generated image than the asked-for emoji does. 0 = the nearest emoji is the right one."""
+    from mini_imagen.data.emoji import EmojiDataset
+
+    emoji = EmojiDataset(resolution=32, split="train", caption_mode="name")
+    index = {record.name: i for i, record in enumerate(emoji.records)}
+    library = emoji.images.float() / 127.5 - 1.0  # (N, 3, 32, 32) in [-1, 1]
+    images = model.sample(EMOJI_NAMES, safety=False, seed=0, stop_at_stage=0, **settings).images.float()
+    distances = torch.cdist(images.flatten(1), library.flatten(1))  # (8, N)
+    return [int((row < row[index[name]]).sum()) for row, name in zip(distances, EMOJI_NAMES)]
+
+
+def test_the_emoji_model_draws_the_emoji_it_is_asked_for():
+    encoder = load_text_encoder()
+    trained = Imagen.from_pretrained(WEIGHTS / "emoji", text_encoder=encoder)
+    torch.manual_seed(0)
+    untrained = Imagen(trained.config, text_encoder=encoder)
+    cli = dict(guidance_scale=2.0, steps=15, sampler="dpm++2m", thresholding="static")
+    # DDIM with static clipping at guidance 2 once fell apart here (clipped x0 mixed with the raw eps)
+    ddim = dict(guidance_scale=2.0, steps=15, sampler="ddim", thresholding="static")
+    ranks = {"trained": emoji_ranks(trained, **cli), "trained, DDIM": emoji_ranks(trained, **ddim),
+             "untrained": emoji_ranks(untrained, **cli)}
+    print(f"rank of the asked-for emoji among 1,554: {ranks}")
+    median = {name: sorted(values)[len(values) // 2] for name, values in ranks.items()}
+    assert median["trained"] <= 2 and median["trained, DDIM"] <= 2
+    assert median["untrained"] > 50
+
+
+# ----------------------------------------------------------------------------- the diffusers baseline
+def test_the_diffusers_baseline_loads_from_the_package_offline_and_generates(monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from mini_imagen.diffusers_baseline import DiffusersBaseUNet, load_baseline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub: everything comes from the package folder
+    folder = WEIGHTS / "diffusers_baseline"
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == BASELINE_SHA256, "update the card and this hash"
+    assert (folder / "README.md").is_file()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")  # diffusers' own loader reads it as it is
+    assert unet.config.sample_size == 32 and unet.config.cross_attention_dim == 384
+    model = load_baseline(folder, text_encoder=load_text_encoder())
+    assert isinstance(model.unets[0], DiffusersBaseUNet)
+    images = model.sample(["a green star", "a blue square"], steps=10, seed=0, safety=False,
+                          guidance_scale=2.0, thresholding="static").images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    colour = [bool(s.colour) for s in score_images(images.float(), ["a green star", "a blue square"])]
+    assert any(colour)  # trained: an untrained U-Net draws noise, with no colour right

@@ -206,6 +206,25 @@ def test_resume_refuses_a_corrupt_latest_checkpoint(tmp_path):
         Trainer(ToyNet(), plain_loss, toy_dataset(), toy_config(tmp_path)).resume()
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path):
+    import time
+
+    def slow_loss(model, batch):  # 50 ms a step: a 0.3 s budget (0.005 min) stops after a handful of steps
+        time.sleep(0.05)
+        return plain_loss(model, batch)
+
+    config = toy_config(tmp_path, steps=1000, max_minutes=0.005)
+    trainer = Trainer(ToyNet(), slow_loss, toy_dataset(), config)
+    trainer.train()
+    assert 1 <= trainer.step < 50  # stopped by the clock, long before 1000 steps
+    stopped_at = trainer.step
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"step_{stopped_at:07d}.pt"
+    resumed = Trainer(ToyNet(), plain_loss, toy_dataset(), toy_config(tmp_path, steps=stopped_at + 3))
+    assert resumed.resume() == stopped_at
+    resumed.train()
+    assert resumed.step == stopped_at + 3
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     config = toy_config(tmp_path, checkpoint_every=2, keep_checkpoints=2)
     Trainer(ToyNet(), plain_loss, toy_dataset(), config).train(steps=7)
@@ -282,6 +301,7 @@ def test_loss_fn_must_return_a_scalar(tmp_path):
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
         ({"log_every": 0}, "log_every must be >= 1"),
+        ({"max_minutes": -1}, "max_minutes must be >= 0"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path, overrides, message):
