@@ -4,15 +4,23 @@
     .venv/bin/python benchmarks/diffusers_baseline.py --steps 20 --samples 1 --fid-samples 64   # a quick dry run
     .venv/bin/python benchmarks/diffusers_baseline.py --ship                # also write the fp16 baseline into the package
 
+The shipped comparison (README, ``mini_imagen/weights/diffusers_baseline/comparison.json``) was made in two steps:
+``scripts/train_shipped_on_gpu.py`` trained both base U-Nets side by side on one GPU (and timed them there with
+``--timing-only``), ``scripts/unpack_shipped.py`` wrote both at the newest step both reached, and then
+
+    benchmarks/diffusers_baseline.py --config mini_imagen/weights/scenes.yaml --no-train \
+        --ours runs/unpacked/scenes_base_at_equal_steps --output runs/unpacked/diffusers_baseline
+
 1. Trains a ``UNet2DConditionModel`` of the Efficient U-Net's size (``mini_imagen.diffusers_baseline``) with the
-   base-stage settings of a recipe (default ``cpu-small``: the shipped scene model's), through the same
-   ``recipes.train_stage`` that trained the shipped base: same data, text encoder, v-prediction loss, CFG dropout,
-   AdamW, warm-up, EMA, steps. Checkpoints go to ``--output``; a killed run resumes.
+   base-stage settings of a recipe (default ``cpu-small``), through the same ``recipes.train_stage`` that trains
+   mini-imagen's base: same data, text encoder, v-prediction loss, CFG dropout, AdamW, warm-up, EMA, steps.
+   Checkpoints go to ``--output``; a killed run resumes. ``--no-train`` uses the baseline found there.
 2. Evaluates both base models the same way: scene-scorer faithfulness on ``eval64`` (seen / held-out), domain FID
-   against rendered scenes, sampling time per image, training time per step (interleaved on one batch), parameters.
+   against rendered scenes, sampling time per image and training time per step (models taking turns), parameters.
+   ``--timing-only`` stops after the timings (e.g. on a GPU).
 3. Prints a Markdown table and writes it as JSON next to the baseline.
 
-The mini-imagen side is the shipped model (``mini_imagen/weights/scenes``), so its training time is the model card's.
+The mini-imagen side is ``--ours`` (default: the shipped scene model).
 """
 
 from __future__ import annotations
