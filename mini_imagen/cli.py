@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from prompts with a trained cascade")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more text prompts")
-    gen.add_argument("--model", default=None, help="model folder (default: the shipped scene model)")
+    gen.add_argument("--model", default=None,
+                     help="a shipped model (scenes, emoji) or a model folder (default: the shipped scene model)")
     gen.add_argument("--out", default="outputs/grid.png", help="where to write the PNG grid")
     gen.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     gen.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale w (default 2)")
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the built-in training presets")
 
     ev = sub.add_parser("evaluate", help="sample a prompt set and score every image (colour, count, position...)")
-    ev.add_argument("--model", default=None, help="model folder (default: the shipped scene model)")
+    ev.add_argument("--model", default=None, help="a shipped model (scenes) or a model folder (default: scenes)")
     ev.add_argument("--prompts", default="eval64", help="a prompt set name (e.g. eval64, heldout) or a JSON file")
     ev.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     ev.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,8 @@
 """From prompts to a PNG grid: the package's main job, used by ``mini-imagen generate`` and ``make demo``.
 
 Which model answers:
-1. ``model=`` a folder written by ``Imagen.save_pretrained`` (or ``mini-imagen train``);
+1. ``model=`` the name of a shipped model (``"scenes"``, ``"emoji"``), or a folder written by
+   ``Imagen.save_pretrained`` (or ``mini-imagen train``);
 2. otherwise the scene model shipped inside the package (``mini_imagen/weights/scenes``);
 3. while no weights ship, a small scene cascade trained once on this machine (about a minute on a
    CPU, preset ``cpu-tiny``), cached under ``~/.cache/mini-imagen/`` and reused afterwards.
@@ -20,6 +21,8 @@ from mini_imagen.runtime import pick_device
 from mini_imagen.safety import MAX_PROMPT_CHARS
 
 SHIPPED_SCENE_MODEL = Path(__file__).resolve().parent / "weights" / "scenes"
+# the cascades that ship inside the package, by the name `--model` accepts (model cards beside the weights)
+SHIPPED_MODELS = {"scenes": SHIPPED_SCENE_MODEL, "emoji": SHIPPED_SCENE_MODEL.parent / "emoji"}
 
 
 def cache_dir() -> Path:
@@ -65,7 +68,13 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 def load_model(model: str | Path | None = None, device: str = "auto") -> Imagen:
-    directory = Path(model) if model else default_model_dir()
+    """A shipped model by name ("scenes", "emoji"), a model folder, or (None) the default scene model."""
+    if not model:
+        directory = default_model_dir()
+    elif str(model) in SHIPPED_MODELS and not Path(model).exists():  # a folder of that name in the cwd wins
+        directory = SHIPPED_MODELS[str(model)]
+    else:
+        directory = Path(model)
     return Imagen.from_pretrained(directory, device=pick_device(device))
 
 

@@ -155,3 +155,14 @@ def test_the_diffusers_baseline_loads_from_the_package_offline_and_generates(mon
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     colour = [bool(s.colour) for s in score_images(images.float(), ["a green star", "a blue square"])]
     assert any(colour)  # trained: an untrained U-Net draws noise, with no colour right
+
+
+def test_shipped_models_are_picked_by_name(tmp_path, monkeypatch):
+    from mini_imagen import cli
+    from mini_imagen.generate import SHIPPED_MODELS, load_model
+
+    monkeypatch.chdir(tmp_path)  # no folder called "emoji" here
+    assert load_model("emoji").config.to_dict() == Imagen.from_pretrained(SHIPPED_MODELS["emoji"]).config.to_dict()
+    code = cli.main(["generate", "red apple", "--model", "emoji", "--num-images", "1", "--steps", "2",
+                     "--base-only", "--out", str(tmp_path / "apple.png")])
+    assert code == 0 and (tmp_path / "apple.png").is_file()
