@@ -11,11 +11,12 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROMPT ?= a red circle above a blue square
 OUT    ?= outputs/demo.png
+MODEL  ?= scenes
 
 .PHONY: install demo test test-fast lessons clean help
 
 help:
-	@echo "make demo   - generate $(OUT) from PROMPT=\"$(PROMPT)\""
+	@echo "make demo   - generate $(OUT) from PROMPT=\"$(PROMPT)\" with MODEL=$(MODEL) (scenes or emoji)"
 	@echo "make test   - unit tests + lessons (smoke mode)"
 
 $(VENV)/.installed: pyproject.toml
@@ -31,7 +32,7 @@ install: $(VENV)/.installed
 # `make demo STAGES=base` stops after the base stage (32 px, a few seconds).
 STAGES ?= all
 demo: install
-	$(VENV)/bin/mini-imagen generate "$(PROMPT)" --out $(OUT) $(if $(filter base,$(STAGES)),--base-only,)
+	$(VENV)/bin/mini-imagen generate "$(PROMPT)" --model $(MODEL) --out $(OUT) $(if $(filter base,$(STAGES)),--base-only,)
 
 test: install
 	MINI_IMAGEN_SMOKE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q -p no:cacheprovider

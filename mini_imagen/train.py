@@ -364,7 +364,7 @@ class Trainer:
         deadline = window_start + 60 * config.max_minutes if config.max_minutes else math.inf
         with tqdm(total=end, initial=self.step, disable=not self._show_progress(), desc="train") as bar:
             while self.step < end:
-                if time.perf_counter() > deadline:  # out of time: stop cleanly, the checkpoint below keeps the step
+                if deadline < math.inf and self._out_of_time(deadline):  # stop cleanly: the checkpoint below keeps it
                     if self.accelerator.is_main_process:
                         print(f"stopped at step {self.step}/{end}: max_minutes={config.max_minutes:g} reached", flush=True)
                     break
@@ -395,6 +395,12 @@ class Trainer:
         if self.step > 0 and self._saved_step != self.step:
             self.save_checkpoint()
         return records
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Past ``deadline`` on any process? All of them stop at the same step (under data parallelism one
+        process stopping alone would leave the others waiting forever at the next gradient all-reduce)."""
+        late = torch.tensor([float(time.perf_counter() > deadline)], device=self.accelerator.device)
+        return bool(self.accelerator.gather(late).max() > 0)
 
     def _train_step(self, batch: Any) -> tuple[float, float]:
         """One optimizer step; returns (loss averaged over processes, gradient norm before clipping)."""
