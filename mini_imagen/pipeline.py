@@ -77,6 +77,9 @@ from mini_imagen.schedule import NoiseSchedule
 from mini_imagen.text import DEFAULT_TEXT_ENCODER, FrozenTextEncoder, TextEmbeddings, load_text_encoder
 from mini_imagen.unet import EfficientUNet, UNetConfig
 
+# What ``save_pretrained`` writes as ``pipeline.py``: diffusers' ``custom_pipeline=`` loader imports the class from it.
+CUSTOM_PIPELINE_CODE = "from mini_imagen.pipeline import MiniImagenPipeline  # noqa: F401 (diffusers custom_pipeline)\n"
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 SafetyChecker = Callable[[Tensor], tuple[Tensor, list[bool]]]
 
@@ -264,6 +267,14 @@ class MiniImagenPipeline(DiffusionPipeline):
                          **options: Any) -> MiniImagenPipeline:
         """A pipeline from a mini-imagen model folder (``Imagen.save_pretrained``); ``options``: ``from_imagen``'s."""
         return cls.from_imagen(Imagen.from_pretrained(folder, text_encoder=text_encoder), **options)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, plus a one-line ``pipeline.py`` naming this class, so that plain diffusers
+        rebuilds it the way it loads any pipeline defined outside diffusers:
+        ``DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)``
+        (the line imports ``mini_imagen``, which must be installed)."""
+        super().save_pretrained(save_directory, **kwargs)
+        (Path(save_directory) / "pipeline.py").write_text(CUSTOM_PIPELINE_CODE)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> MiniImagenPipeline:

@@ -17,7 +17,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from mini_imagen.guidance import dynamic_threshold, static_threshold
 from mini_imagen.imagen import Imagen, ImagenConfig, StageConfig, tensor_to_pil
@@ -145,6 +145,11 @@ def test_save_and_load_round_trip_offline_gives_identical_weights_and_images(pip
         assert public[0] == public[1]
     assert loaded.scheduler.config.sample_max_value == float("inf")  # dynamic thresholding survives JSON
     assert torch.equal(generate(loaded), generate(pipe))
+    # plain diffusers, through its loader for pipelines defined outside diffusers (the saved pipeline.py)
+    generic = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(tmp_path), trust_remote_code=True)
+    assert type(generic).__name__ == "MiniImagenPipeline"
+    generic.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(generic), generate(pipe))
 
 
 def test_a_mini_imagen_model_folder_loads_as_a_pipeline(imagen, encoder, pipe, tmp_path):
