@@ -69,12 +69,12 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 def load_model(model: str | Path | None = None, device: str = "auto") -> Imagen:
     """A shipped model by name ("scenes", "emoji"), a model folder, or (None) the default scene model."""
-    if not model or (str(model) == "scenes" and not Path(model).exists()):
-        directory = default_model_dir()  # the shipped scene model, or the fallback trained on first use
-    elif str(model) in SHIPPED_MODELS and not Path(model).exists():  # a folder of that name in the cwd wins
-        directory = SHIPPED_MODELS[str(model)]
+    name = str(model) if model else "scenes"
+    if name in SHIPPED_MODELS and not Path(name).exists():  # a folder of that name in the cwd wins
+        # the scene model may fall back to one trained on first use (a stripped install)
+        directory = default_model_dir() if name == "scenes" else SHIPPED_MODELS[name]
     else:
-        directory = Path(model)
+        directory = Path(name)
     return Imagen.from_pretrained(directory, device=pick_device(device))
 
 

@@ -235,15 +235,18 @@ def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | No
     else:
         imagen = Imagen(recipe.model)
     stages = list(range(len(recipe.model.stages))) if stages is None else stages
+    data = recipe.make_dataset()  # once for every stage (a prerendered set is drawn once)
     for index in stages:
-        train_stage(imagen, index, recipe, output, resume)
+        train_stage(imagen, index, recipe, output, resume, data)
         imagen.save_pretrained(output)
     return output
 
 
-def train_stage(imagen: Imagen, index: int, recipe: TrainRecipe, output: Path, resume: bool = True) -> Imagen:
-    """Train stage ``index`` of ``imagen`` with the recipe (checkpoints in ``output/stage<index>``); keep its EMA."""
-    dataset, collate = recipe.make_dataset()
+def train_stage(imagen: Imagen, index: int, recipe: TrainRecipe, output: Path, resume: bool = True,
+                data: tuple[Dataset, Callable] | None = None) -> Imagen:
+    """Train stage ``index`` of ``imagen`` with the recipe (checkpoints in ``output/stage<index>``); keep its EMA.
+    ``data``: the recipe's ``(dataset, collate)`` when the caller already made it."""
+    dataset, collate = data or recipe.make_dataset()
     encoder = imagen.text_encoder
     config = dataclasses.replace(recipe.train, steps=recipe.steps_for(index), output_dir=str(output / f"stage{index}"))
     generator = torch.Generator().manual_seed(config.seed + index)

@@ -24,7 +24,7 @@ from the EMA model every ``sample_every`` steps, and a checkpoint every ``checkp
 weights, AdamW moments, the fp16 GradScaler, the position in the data and the state of every
 random number generator (Python, NumPy, torch CPU, CUDA/MPS), so a killed run continues with
 the very losses an uninterrupted run would have seen. The data order is a pure function of
-(seed, epoch) (``EpochShuffleSampler``) and the checkpoint stores (epoch, batches done), so the
+(seed, epoch) (``EpochShuffleSampler``, in ``resumable.py`` with the RNG snapshots) and the checkpoint stores (epoch, batches done), so the
 order is rebuilt rather than stored. The loader owns its generator, so starting an epoch never
 draws from the global RNG that ``loss_fn`` uses for timesteps and noise.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import random
 import sys
 import time
 import warnings
@@ -50,14 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import gather_object
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # the plain bar: tqdm.notebook would need ipywidgets
 
 from mini_imagen.checkpoint import (
@@ -67,6 +65,12 @@ from mini_imagen.checkpoint import (
     model_fingerprint,
     save_checkpoint,
     step_checkpoint_path,
+)
+from mini_imagen.resumable import (  # noqa: F401 (EpochShuffleSampler is part of this module's API)
+    EpochShuffleSampler,
+    build_dataloader,
+    rng_state,
+    set_rng_state,
 )
 from mini_imagen.runtime import pick_device, seed_everything
 
@@ -173,98 +177,6 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         ema_param.lerp_(param.detach(), 1.0 - decay)
     for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers(), strict=True):
         ema_buffer.copy_(buffer)
-
-
-# ----------------------------------------------------------------------------- randomness
-def rng_state() -> dict[str, Any]:
-    """A snapshot of every random number generator a training step may draw from."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"keys": keys.tolist(), "pos": position, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device: one per process under DDP
-    if torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Put every generator back to a snapshot taken by ``rng_state``."""
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    numpy = state["numpy"]
-    keys = np.array(numpy["keys"], dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-# ----------------------------------------------------------------------------- data
-class EpochShuffleSampler(Sampler[int]):
-    """Dataset indices in a shuffled order that depends only on (seed, epoch).
-
-    A resumed run rebuilds the order of any epoch instead of storing it. Accelerate calls
-    ``set_epoch`` when a pass starts, and under data parallelism gives each process every N-th
-    batch of this one shared order.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        # A private generator seeded with (seed, epoch): the global RNGs are never touched.
-        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.size).tolist())
-
-
-def build_dataloader(data: Dataset | DataLoader, config: TrainConfig) -> DataLoader:
-    """A DataLoader whose batches depend only on (seed, epoch).
-
-    ``data`` is a map-style dataset (anything with ``__len__`` and ``__getitem__``), batched with
-    ``config.batch_size`` and ``config.num_workers``; or a DataLoader, whose dataset, batch size,
-    collate_fn, workers and drop_last are kept while its sampling is replaced by
-    ``EpochShuffleSampler`` (a plain shuffled loader draws its order from the global RNG).
-    """
-    if isinstance(data, DataLoader):
-        if data.batch_size is None:
-            raise ValueError(
-                "the Trainer shuffles and batches itself; pass a DataLoader made with batch_size=..., or the Dataset"
-            )
-        dataset, batch_size, drop_last = data.dataset, data.batch_size, data.drop_last
-        collate_fn, num_workers, pin_memory = data.collate_fn, data.num_workers, data.pin_memory
-    else:
-        dataset, batch_size, drop_last = data, config.batch_size, True
-        collate_fn, num_workers, pin_memory = None, config.num_workers, False
-    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        raise TypeError(
-            f"the Trainer needs a map-style dataset (with __len__ and __getitem__) to shuffle and resume exactly; "
-            f"got {type(dataset).__name__}"
-        )
-    if len(dataset) == 0 or (drop_last and len(dataset) < batch_size):
-        raise ValueError(
-            f"the dataset has {len(dataset)} items, fewer than one batch of {batch_size}; lower batch_size"
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochShuffleSampler(len(dataset), config.seed),
-        drop_last=drop_last,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(config.seed),  # worker seeds come from here, not the global RNG
-    )
 
 
 # ----------------------------------------------------------------------------- devices
