@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop each stage after this many minutes, with a checkpoint (a rerun resumes)")
     train.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps (overrides the config)")
     train.add_argument("--no-resume", action="store_true", help="start over instead of resuming a checkpoint")
+    train.add_argument("--init-from", default=None, metavar="MODEL",
+                       help="fine-tune: start from a trained model's weights (a shipped name such as scenes, or a folder)")
 
     sub.add_parser("presets", help="list the built-in training presets")
 
@@ -121,6 +123,8 @@ def _train(args: argparse.Namespace) -> int:
         recipe.train.max_minutes = args.max_minutes
     if args.device is not None:
         recipe.train.device = args.device
+    if args.init_from is not None:
+        recipe.init_from = args.init_from
     output = Path(args.output) if args.output else Path("runs") / name
     stages = None if args.stage == "all" else [_stage_index(args.stage, len(recipe.model.stages))]
     path = train_recipe(recipe, output, stages=stages, resume=not args.no_resume)

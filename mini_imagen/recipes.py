@@ -15,6 +15,9 @@ or a YAML / JSON file that starts from a preset and overrides fields::
     data: {held_out_pairs: [[purple, triangle]]}
     stage_steps: [3000, 1500]
 
+``init_from: scenes`` (or ``mini-imagen train --init-from scenes``) fine-tunes: the trained stages start
+from a trained cascade's weights (a shipped name or a model folder with the same U-Nets).
+
 Training goes one stage at a time (Imagen trains its cascade stages independently, sec. 2.4);
 after each stage the EMA weights are written with ``Imagen.save_pretrained``, so a finished
 stage is never trained again and a killed run resumes from the stage's last checkpoint.
@@ -55,6 +58,9 @@ class TrainRecipe:
     # that trains faster than the CPU draws. ``render_cache`` keeps the drawing on disk for the next run.
     prerender: bool = False
     render_cache: str | None = None
+    # Fine-tuning: start the trained stages from this model's weights (a shipped name such as
+    # "scenes", or a model folder) instead of a random initialisation. A checkpoint to resume wins.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -184,11 +190,11 @@ def load_recipe(name_or_path: str | Path) -> tuple[TrainRecipe, str]:
         elif key in ("train", "data"):
             current = getattr(recipe, key)
             setattr(recipe, key, _replace(current, value, f"{path}: {key}"))
-        elif key in ("num_scenes", "stage_steps", "dataset", "prerender", "render_cache"):
+        elif key in ("num_scenes", "stage_steps", "dataset", "prerender", "render_cache", "init_from"):
             setattr(recipe, key, value)
         else:
             raise ValueError(f"{path}: unknown key '{key}'; allowed: preset, model, train, data, num_scenes, "
-                             "stage_steps, dataset, prerender, render_cache")
+                             "stage_steps, dataset, prerender, render_cache, init_from")
     recipe.__post_init__()  # re-check what the file changed
     return recipe, path.stem
 
@@ -227,6 +233,9 @@ def _replace(obj: Any, overrides: dict[str, Any], where: str) -> Any:
 def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | None = None,
                  resume: bool = True) -> Path:
     """Train the recipe's stages one after the other and save the cascade into ``output``."""
+    stages = list(range(len(recipe.model.stages))) if stages is None else stages
+    # Fine-tuning: a bad name or a different U-Net fails here, before any file is written.
+    start = load_start(recipe.init_from, recipe.model, stages) if recipe.init_from else None
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
@@ -234,12 +243,48 @@ def train_recipe(recipe: TrainRecipe, output: str | Path, stages: list[int] | No
         imagen = Imagen.from_pretrained(output)
     else:
         imagen = Imagen(recipe.model)
-    stages = list(range(len(recipe.model.stages))) if stages is None else stages
+    if start is not None:  # a fine-tune: the stages start from trained weights (a checkpoint to resume still wins)
+        for index in stages:
+            imagen.unets[index].load_state_dict(start.unets[index].state_dict())
+            print(f"stage {index} starts from the weights of {recipe.init_from}")
     data = recipe.make_dataset()  # once for every stage (a prerendered set is drawn once)
     for index in stages:
         train_stage(imagen, index, recipe, output, resume, data)
         imagen.save_pretrained(output)
     return output
+
+
+def load_start(model: str | Path, config: ImagenConfig, stages: list[int]) -> Imagen:
+    """The trained cascade a fine-tune starts from (a shipped name such as "scenes", or a model folder),
+    checked to have the same text encoder and the same U-Nets as ``config`` at ``stages``: else the
+    weights would mean nothing."""
+    from mini_imagen.checkpoint import CheckpointError
+    from mini_imagen.generate import SHIPPED_MODELS, load_model  # names resolve as `mini-imagen generate` does
+
+    name = str(model)
+    if name not in SHIPPED_MODELS and not Path(name).exists():
+        raise ValueError(f"init_from {name!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor a "
+                         "model folder; give one written by `mini-imagen train` or `Imagen.save_pretrained`")
+    try:
+        start = load_model(name, device="cpu")
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
+        raise ValueError(f"init_from {name!r} cannot be loaded: {error}") from None
+    if start.config.text_encoder != config.text_encoder:
+        raise ValueError(f"init_from {name!r} was trained with the text encoder {start.config.text_encoder!r}, "
+                         f"this recipe uses {config.text_encoder!r}; fine-tune with the same encoder")
+    for index in stages:
+        if index >= len(start.config.stages) or start.config.stages[index].unet != config.stages[index].unet:
+            raise ValueError(f"init_from {name!r}: its stage {index} is not the recipe's U-Net "
+                             f"({_describe_unet(start.config, index)} vs {_describe_unet(config, index)}); "
+                             "fine-tune from a model trained with the same model config")
+    return start
+
+
+def _describe_unet(config: ImagenConfig, index: int) -> str:
+    if index >= len(config.stages):
+        return "no such stage"
+    unet = config.stages[index].unet
+    return f"{unet.image_size} px, channels {unet.base_channels} x {tuple(unet.channel_mults)}"
 
 
 def train_stage(imagen: Imagen, index: int, recipe: TrainRecipe, output: Path, resume: bool = True,

@@ -193,3 +193,44 @@ def test_the_gpu_preset_prerenders_and_is_time_limited():
     assert recipe.prerender and recipe.render_cache and recipe.train.max_minutes > 0
     assert recipe.train.mixed_precision == "auto" and recipe.train.batch_size == 256
     assert recipe.model.stages[1].unet.base_channels == 24  # the shipped SR stages' width
+
+
+def test_init_from_fine_tunes_a_trained_model_and_refuses_a_different_unet(tmp_path):
+    trained = train_recipe(micro_recipe(steps=(4, 2)), tmp_path / "trained")
+    start = Imagen.from_pretrained(trained)
+    # Zero steps from init_from: the saved stage is exactly the model it started from (a random init is not).
+    recipe = micro_recipe(steps=(0, 0))
+    recipe.init_from = str(trained)
+    tuned = Imagen.from_pretrained(train_recipe(recipe, tmp_path / "tuned", stages=[0]))
+    assert all(torch.equal(a, b) for a, b in zip(start.unets[0].state_dict().values(),
+                                                  tuned.unets[0].state_dict().values()))
+    scratch = Imagen.from_pretrained(train_recipe(micro_recipe(steps=(0, 0)), tmp_path / "scratch", stages=[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(start.unets[0].state_dict().values(),
+                                                      scratch.unets[0].state_dict().values()))
+    # Training on from there moves the weights; the recipe file and the command line both say init_from.
+    recipe.stage_steps = [2, 0]
+    moved = Imagen.from_pretrained(train_recipe(recipe, tmp_path / "moved", stages=[0]))
+    assert any(not torch.equal(a, b) for a, b in zip(start.unets[0].state_dict().values(),
+                                                      moved.unets[0].state_dict().values()))
+    assert json.loads((tmp_path / "moved" / "recipe.json").read_text())["init_from"] == str(trained)
+    # A different U-Net (here: wider) cannot start from these weights: one clear error, nothing trained.
+    wider = micro_recipe(steps=(2, 0))
+    wider.model.stages[0].unet.base_channels *= 2
+    wider.init_from = str(trained)
+    with pytest.raises(ValueError, match="stage 0 is not the recipe's U-Net.*channels"):
+        train_recipe(wider, tmp_path / "wider", stages=[0])
+    assert not (tmp_path / "wider").exists()
+    wider.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="init_from .*nowhere.* is neither a shipped model"):
+        train_recipe(wider, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    from mini_imagen import cli
+
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps({"preset": "cpu-tiny", "model": micro_recipe().model.to_dict(), "num_scenes": 32,
+                                  "data": {"resolution": 32}, "train": {"batch_size": 4, "progress_bar": False}}))
+    assert cli.main(["train", "--config", str(config), "--stage", "0", "--steps", "1", "--init-from", str(trained),
+                     "--output", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "recipe.json").read_text())["init_from"] == str(trained)
+    assert cli.main(["train", "--config", str(config), "--stage", "0", "--steps", "1", "--init-from",
+                     str(tmp_path / "nowhere"), "--output", str(tmp_path / "bad")]) == 2

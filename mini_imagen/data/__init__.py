@@ -1,5 +1,6 @@
-"""Data sets for the course: procedurally drawn, captioned scenes (``scenes.py``, data/README.md) and
-emoji rendered from the Noto Color Emoji font (``emoji.py``, data/emoji/README.md)."""
+"""Data sets for the course: procedurally drawn, captioned scenes (``scenes.py``, their words in
+``vocabulary.py``, data/README.md) and emoji rendered from the Noto Color Emoji font (``emoji.py``,
+data/emoji/README.md)."""
 
 from mini_imagen.data.emoji import EmojiDataset, EmojiRecord, collate_emoji, load_emoji  # noqa: F401 (data/emoji)
 from mini_imagen.data.scenes import (
