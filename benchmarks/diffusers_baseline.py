@@ -58,13 +58,14 @@ def _synchronize() -> None:
 def train_step_seconds(models: dict[str, Imagen], rounds: int, batch_size: int) -> dict[str, float]:
     """Median seconds of one AdamW training step of each base U-Net on the same batch, rounds interleaved."""
     scenes = SceneDataset(SceneConfig(resolution=32, seed=5), length=batch_size)
-    captions = [scenes[i]["caption"] for i in range(batch_size)]
+    batch = [scenes[i] for i in range(batch_size)]
+    captions, batch_images = [item["caption"] for item in batch], torch.stack([item["image"] for item in batch])
     times: dict[str, list[float]] = {name: [] for name in models}
     optimizers, images = {}, {}
     for name, imagen in models.items():
         imagen.unets[0].train()
         optimizers[name] = torch.optim.AdamW(imagen.unets[0].parameters(), lr=1e-6)  # tiny: barely moves weights
-        images[name] = torch.stack([scenes[i]["image"] for i in range(batch_size)]).to(imagen.device)
+        images[name] = batch_images.to(imagen.device)
     texts = {name: imagen.encode_text(captions).to(imagen.device) for name, imagen in models.items()}
     for round_ in range(rounds + 1):
         for name, imagen in models.items():

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the built-in training presets")
 
     ev = sub.add_parser("evaluate", help="sample a prompt set and score every image (colour, count, position...)")
-    ev.add_argument("--model", default=None, help="a shipped model (scenes) or a model folder (default: scenes)")
+    ev.add_argument("--model", default=None,
+                    help="a shipped model (scenes, emoji) or a model folder (default: scenes)")
     ev.add_argument("--prompts", default="eval64", help="a prompt set name (e.g. eval64, heldout) or a JSON file")
     ev.add_argument("--samples", type=int, default=4, help="images per prompt (default 4)")
     ev.add_argument("--seed", type=int, default=0)

@@ -24,8 +24,8 @@ from the EMA model every ``sample_every`` steps, and a checkpoint every ``checkp
 weights, AdamW moments, the fp16 GradScaler, the position in the data and the state of every
 random number generator (Python, NumPy, torch CPU, CUDA/MPS), so a killed run continues with
 the very losses an uninterrupted run would have seen. The data order is a pure function of
-(seed, epoch) (``EpochShuffleSampler``, in ``resumable.py`` with the RNG snapshots) and the checkpoint stores (epoch, batches done), so the
-order is rebuilt rather than stored. The loader owns its generator, so starting an epoch never
+(seed, epoch) (``EpochShuffleSampler``, in ``resumable.py`` with the RNG snapshots) and the
+checkpoint stores (epoch, batches done), so the order is rebuilt rather than stored. The loader owns its generator, so starting an epoch never
 draws from the global RNG that ``loss_fn`` uses for timesteps and noise.
 
 **Devices and scale.** Hugging Face Accelerate places the model on the device (cuda, mps or
@@ -311,6 +311,8 @@ class Trainer:
     def _out_of_time(self, deadline: float) -> bool:
         """Past ``deadline`` on any process? All of them stop at the same step (under data parallelism one
         process stopping alone would leave the others waiting forever at the next gradient all-reduce)."""
+        if self.accelerator.num_processes == 1:  # nothing to agree on: no device round trip every step
+            return time.perf_counter() > deadline
         late = torch.tensor([float(time.perf_counter() > deadline)], device=self.accelerator.device)
         return bool(self.accelerator.gather(late).max() > 0)
 
